@@ -1,0 +1,1 @@
+"""The sequential block loop and the statistics it accumulates (Hessians, token counts)."""

@@ -1,0 +1,84 @@
+"""Statistics the block loop accumulates for the linears of one true-sequential group.
+
+``HessianStats`` holds sum_i c_i x_i x_i^T in fp32 (c_i = 1 unless affinity weighting is on) and the
+token counts; hooks on every linear of the group feed it. Linears that receive the *same* input
+tensor (q/k/v, an expert's gate/up) share one accumulator: the first forward records the aliasing
+and later forwards skip the duplicates, so each input is multiplied out once.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+class HessianStats:
+    """Running sum of (weighted) x x^T over calibration rows for one linear input."""
+
+    def __init__(self, n_in: int, device):
+        self.H = torch.zeros(n_in, n_in, dtype=torch.float32, device=device)  # (in, in)
+        self.rows = 0  # rows accumulated (all rows when coverage is "all")
+        self.routed = 0  # of which routed to this module (== rows outside experts)
+
+    def add(self, x: torch.Tensor, weight: torch.Tensor | None = None, routed: int | None = None) -> None:
+        x = x.reshape(-1, x.shape[-1]).float()  # (r, in)
+        if weight is not None:
+            x = x * weight.float().clamp_min(0).sqrt()[:, None]  # rows scaled by sqrt(c)
+        self.H.addmm_(x.T, x)  # one matmul over all rows: no loop over tokens
+        self.rows += x.shape[0]
+        self.routed += x.shape[0] if routed is None else int(routed)
+
+    def mean(self) -> torch.Tensor:
+        """H / rows: the mean of c x x^T per calibration row (in, in)."""
+        return self.H / max(1, self.rows)
+
+
+class GroupStats:
+    """Hooks on the linears of one group; ``stats[owner]`` per distinct input, ``alias[name] = owner``.
+
+    ``row_weight(name, module, x)`` may return (per-row weights (r,), routed-row count) for a linear,
+    e.g. affinity weights and routed counts of experts; it returns (None, None) otherwise.
+    Call :meth:`new_forward` before each block forward: aliasing is detected per forward by input
+    identity within the same parent module (so different experts never alias each other).
+    """
+
+    def __init__(self, modules: dict[str, nn.Module], device, row_weight=None):
+        self.modules, self.device, self.row_weight = modules, device, row_weight
+        self.stats: dict[str, HessianStats] = {}
+        self.alias: dict[str, str] = {}
+        self._seen: dict[tuple, str] = {}
+        self._handles = []
+
+    def new_forward(self) -> None:
+        self._seen.clear()
+
+    def _hook(self, name):
+        parent = name.rpartition(".")[0]
+
+        def hook(mod, inputs):
+            x = inputs[0]
+            key = (parent, x.data_ptr(), tuple(x.shape), x._version)
+            owner = self._seen.get(key)
+            if owner is not None and owner != name:
+                self.alias.setdefault(name, owner)
+                return
+            if name in self.alias:
+                return
+            self._seen[key] = name
+            w, routed = self.row_weight(name, mod, x) if self.row_weight else (None, None)
+            if name not in self.stats:
+                self.stats[name] = HessianStats(x.shape[-1], self.device)
+            self.stats[name].add(x, w, routed)
+        return hook
+
+    def owner(self, name: str) -> str:
+        return self.alias.get(name, name)
+
+    def __enter__(self):
+        self._handles = [m.register_forward_pre_hook(self._hook(n)) for n, m in self.modules.items()]
+        return self
+
+    def __exit__(self, *exc):
+        for h in self._handles:
+            h.remove()
+        self._handles = []

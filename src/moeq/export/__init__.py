@@ -1,0 +1,1 @@
+"""Writing quantized models: compressed-tensors pack-quantized checkpoints."""

@@ -1,0 +1,175 @@
+"""Write a quantized model as a compressed-tensors ``pack-quantized`` checkpoint.
+
+The integers each solver chose are packed as they are (compressed-tensors' own ``pack_to_int32``),
+with ``weight_scale`` in the checkpoint's dtype, ``weight_shape`` and, for asymmetric grids, the
+packed ``weight_zero_point``. Keys follow the layout of the family's own Hugging Face checkpoints
+(per expert, e.g. ``mlp.experts.3.gate_proj`` or Mixtral's ``block_sparse_moe.experts.3.w1``), which is
+what vLLM and transformers' loaders expect. ``quantization_config`` holds one config group per
+distinct scheme with regex targets, and ``ignore`` lists the modules kept in full precision
+(routers, shared-expert gates, lm_head). Everything else (embeddings, norms, biases, routers) is
+stored unchanged in the checkpoint dtype.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from ..models.adapter import ModelAdapter
+from ..quant.primitives import QuantArgs
+from ..solvers.base import QuantResult
+
+SHARD_BYTES = 4 << 30
+
+
+def config_groups(names_by_args: dict[QuantArgs, list[str]], all_names: list[str]) -> dict[QuantArgs, list[str]]:
+    """Compact regex targets per scheme. A name's numbers (expert, then layer) are wildcarded as long as
+    every linear matching the wider pattern has the same scheme, so uniform models get a handful of
+    patterns and mixed plans stay exact. Linears left in full precision count as a scheme of their own."""
+    scheme_of = {n: a for a, ns in names_by_args.items() for n in ns}
+    uniform: dict[str, bool] = {}
+
+    def is_uniform(pattern: str, args) -> bool:
+        if pattern not in uniform:
+            rx = re.compile(pattern)
+            uniform[pattern] = all(scheme_of.get(m) == args for m in all_names if rx.fullmatch(m))
+        return uniform[pattern]
+
+    out: dict[QuantArgs, set[str]] = defaultdict(set)
+    for name, args in scheme_of.items():
+        parts = re.split(r"(\.\d+\.)", name)
+        pattern = [p.replace(".", r"\.") if re.fullmatch(r"\.\d+\.", p) else re.escape(p) for p in parts]
+        for k in reversed([i for i, p in enumerate(parts) if re.fullmatch(r"\.\d+\.", p)]):
+            trial = pattern.copy()
+            trial[k] = r"\.\d+\."
+            if is_uniform("".join(trial), args):
+                pattern = trial
+        out[args].add("".join(pattern))
+    return {a: sorted(_merge_alternatives(sorted(p))) for a, p in out.items()}
+
+
+def _merge_alternatives(patterns: list[str]) -> set[str]:
+    """Merge patterns that differ only in their last name component: a\\.q_proj, a\\.k_proj -> a\\.(q_proj|k_proj)."""
+    groups: dict[str, list[str]] = defaultdict(list)
+    for p in patterns:
+        head, _, tail = p.rpartition(r"\.")
+        groups[head].append(tail)
+    return {f"re:{head}\\.({'|'.join(sorted(tails))})$" if len(tails) > 1 else f"re:{head}\\.{tails[0]}$"
+            for head, tails in groups.items()}
+
+
+def quantization_config(adapter: ModelAdapter, results: dict[str, QuantResult]) -> dict:
+    """The ``quantization_config`` dict for config.json (compressed-tensors schema)."""
+    from compressed_tensors import __version__ as ct_version
+    from compressed_tensors.quantization import QuantizationArgs, QuantizationConfig, QuantizationScheme
+
+    by_args: dict[QuantArgs, list[str]] = defaultdict(list)
+    for name, r in results.items():
+        by_args[r.args].append(adapter.checkpoint_name(name))
+    all_names = [adapter.checkpoint_name(li.name) for li in adapter.linears()]
+    groups = {}
+    for k, (args, targets) in enumerate(sorted(config_groups(by_args, all_names).items(),
+                                               key=lambda kv: (kv[0].num_bits, kv[0].group_size))):
+        groups[f"group_{k}"] = QuantizationScheme(
+            targets=targets,
+            weights=QuantizationArgs(num_bits=args.num_bits, type="int", symmetric=args.symmetric,
+                                     strategy=args.strategy,
+                                     group_size=None if args.group_size == -1 else args.group_size),
+        )
+    ignore = [adapter.checkpoint_name(n) for n in adapter.full_precision_modules()]
+    unquantized = [adapter.checkpoint_name(li.name) for li in adapter.linears() if li.name not in results]
+    cfg = QuantizationConfig(config_groups=groups, ignore=ignore + unquantized, format="pack-quantized",
+                             quantization_status="compressed")
+    d = cfg.model_dump(exclude_none=False)
+    d["version"] = ct_version
+    return json.loads(json.dumps(d, default=str))
+
+
+def packed_tensors(prefix: str, r: QuantResult, scale_dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """compressed-tensors pack-quantized tensors of one linear."""
+    from compressed_tensors.compressors.pack_quantized.helpers import pack_to_int32
+
+    out = {
+        f"{prefix}.weight_packed": pack_to_int32(r.q.to(torch.int8).contiguous(), r.args.num_bits),
+        f"{prefix}.weight_scale": r.scale.to(scale_dtype).contiguous(),
+        f"{prefix}.weight_shape": torch.tensor(list(r.q.shape), dtype=torch.int64),
+    }
+    if not r.args.symmetric:
+        out[f"{prefix}.weight_zero_point"] = pack_to_int32(r.zero.to(torch.int8).contiguous(), r.args.num_bits,
+                                                           packed_dim=0)
+    return out
+
+
+def _state_dict(adapter: ModelAdapter, results: dict[str, QuantResult], dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    model = adapter.model
+    sd: dict[str, torch.Tensor] = {}
+    tied = bool(getattr(model.config, "tie_word_embeddings", False))
+    quantized = set(results)
+    for key, t in model.state_dict().items():
+        mod, _, leaf = key.rpartition(".")
+        if mod in quantized and leaf == "weight":
+            continue
+        if tied and key == f"{adapter.spec.lm_head}.weight":
+            continue
+        sd[adapter.checkpoint_name(key)] = t.detach().to(dtype if t.is_floating_point() else t.dtype).contiguous()
+    for name, r in results.items():
+        sd.update(packed_tensors(adapter.checkpoint_name(name), r, dtype))
+    return sd
+
+
+def save_checkpoint(adapter: ModelAdapter, results: dict[str, QuantResult], out_dir: str | Path,
+                    dtype: torch.dtype, tokenizer=None) -> dict:
+    """Write config.json (+quantization_config), safetensors shards, tokenizer. -> {"bytes": .., "files": [..]}."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    sd = _state_dict(adapter, results, dtype)
+    shards, cur, size = [], {}, 0
+    for k in sorted(sd):
+        n = sd[k].numel() * sd[k].element_size()
+        if cur and size + n > SHARD_BYTES:
+            shards.append(cur)
+            cur, size = {}, 0
+        cur[k], size = sd[k], size + n
+    shards.append(cur)
+    files = []
+    if len(shards) == 1:
+        save_file(shards[0], str(out / "model.safetensors"), metadata={"format": "pt"})
+        files.append("model.safetensors")
+    else:
+        weight_map = {}
+        for i, sh in enumerate(shards):
+            fn = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+            save_file(sh, str(out / fn), metadata={"format": "pt"})
+            files.append(fn)
+            weight_map.update({k: fn for k in sh})
+        total = sum(t.numel() * t.element_size() for t in sd.values())
+        (out / "model.safetensors.index.json").write_text(
+            json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
+    cfg = adapter.model.config.to_dict()
+    cfg["dtype"] = str(dtype).replace("torch.", "")
+    cfg.pop("torch_dtype", None)
+    cfg["quantization_config"] = quantization_config(adapter, results)
+    (out / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
+    gen = getattr(adapter.model, "generation_config", None)
+    if gen is not None:
+        gen.save_pretrained(out)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(out)
+    return {"bytes": sum((out / f).stat().st_size for f in files), "files": files}
+
+
+def bf16_size_bytes(adapter: ModelAdapter) -> int:
+    """What the same model takes as a plain bf16 checkpoint (tied weights once)."""
+    model = adapter.model
+    seen, total = set(), 0
+    for p in model.parameters():
+        if id(p) in seen:
+            continue
+        seen.add(id(p))
+        total += p.numel() * 2
+    return total

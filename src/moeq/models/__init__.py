@@ -1,0 +1,1 @@
+"""Architecture knowledge: the registry of MoE families, the per-expert view, loading."""

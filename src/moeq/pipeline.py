@@ -1,0 +1,128 @@
+"""The whole flow of ``moeq quantize``, top to bottom; it calls stage functions and holds no algorithm.
+
+load -> bind the architecture -> (FP perplexity) -> per-expert view -> calibration windows ->
+block loop (solve every linear) -> export compressed-tensors -> (quantized perplexity) -> report.
+The output folder is assembled in a temporary sibling and renamed into place at the end.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from . import __version__
+from .calib.windows import calibration_windows
+from .capture.sequential import quantize_model
+from .config import QuantConfig
+from .evaluate.perplexity import default_seqlen, evaluate_ppl
+from .evaluate.report import SCHEMA_VERSION, bit_stats, dumps
+from .export.compressed_tensors import bf16_size_bytes, save_checkpoint
+from .models.adapter import ModelAdapter
+from .models.loading import load_model
+from .utils.device import fits_on_device, peak_memory_mb, resolve_device
+from .utils.fs import atomic_dir, check_output
+from .utils.progress import log
+
+
+def check_plan(adapter: ModelAdapter, cfg: QuantConfig) -> None:
+    """Fail before any heavy work when a planned grid does not fit a linear."""
+    for li in adapter.linears():
+        args = cfg.plan.args_for(li.name)
+        if args is not None:
+            args.check_width(adapter.module(li.name).in_features, li.name)
+
+
+def quantize(model: str | None, cfg: QuantConfig, out: str | Path | None, *, device: str = "auto",
+             ppl: tuple[str, ...] = ("wikitext2",), eval_seqlen: int | None = None, skip_eval: bool = False,
+             eval_limit: int | None = None,
+             overwrite: bool = False, data_dir=None, trust_remote_code: bool = False, return_model: bool = False):
+    """Quantize ``model`` with ``cfg``; write the checkpoint and report.json to ``out``.
+
+    Returns the report, or (report, in-memory quantized model) with ``return_model``."""
+    t_start = time.perf_counter()
+    if out is not None:
+        check_output(out, overwrite)
+    device = resolve_device(device)
+    secs = {"load": 0.0, "calibration": 0.0, "quantize": 0.0, "evaluate": 0.0, "export": 0.0}
+
+    t = time.perf_counter()
+    loaded = load_model(model, device=device, trust_remote_code=trust_remote_code)
+    m, tok = loaded.model, loaded.tokenizer
+    adapter = ModelAdapter.for_model(m)
+    adapter.unfuse()
+    check_plan(adapter, cfg)
+    adapter.refuse()
+    secs["load"] = time.perf_counter() - t
+    if fits_on_device(m, device):
+        m.to(device)  # otherwise blocks are onloaded one at a time by the block loop
+
+    metrics, windows = {}, {}
+    if not skip_eval:
+        t = time.perf_counter()
+        metrics["fp"] = evaluate_ppl(m, tok, ppl, eval_seqlen, data_dir, windows, label="FP", limit=eval_limit)
+        secs["evaluate"] += time.perf_counter() - t
+
+    adapter.unfuse()
+    calib = None
+    if cfg.needs_calibration:
+        t = time.perf_counter()
+        seqlen = default_seqlen(m, cfg.calib.seqlen)
+        calib = calibration_windows(tok, cfg.calib.source, cfg.calib.nsamples, seqlen, cfg.calib.seed, data_dir)
+        secs["calibration"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    loop = quantize_model(adapter, cfg, calib.ids if calib is not None else None, device, loaded.storage_dtype)
+    secs["quantize"] = time.perf_counter() - t
+
+    rows = sorted(loop.rows.values(), key=lambda r: _natural(r["name"]))
+    report = {
+        "schema_version": SCHEMA_VERSION,
+        "moeq_version": __version__,
+        "model": {"name": model or Path(loaded.path).name, "path": loaded.path, "model_type": m.config.model_type,
+                  "architecture": type(m).__name__, "params": adapter.param_count(),
+                  "num_experts": adapter.num_experts, "top_k": adapter.top_k},
+        "method": cfg.method,
+        "quant_label": cfg.plan.default.label(),
+        "quant": cfg.to_dict(),
+        "calibration": calib.describe() if calib is not None else None,
+        **bit_stats(rows),
+        "modules": rows,
+        "fallbacks": [{"name": r["name"], "policy": r["fallback"], "tokens": r["tokens"]}
+                      for r in rows if r.get("fallback")],
+        "expert_tokens": {str(k): v for k, v in loop.expert_tokens.items()},
+        "full_precision": adapter.full_precision_modules(),
+        "metrics": metrics,
+        "notes": list(calib.notes) if calib is not None else [],
+        "device": device,
+    }
+
+    def finish(tmp: Path | None):
+        t = time.perf_counter()
+        if tmp is not None:
+            info = save_checkpoint(adapter, loop.results, tmp, loaded.storage_dtype, tok)
+            report["size"] = {"checkpoint_bytes": info["bytes"], "bf16_bytes": bf16_size_bytes(adapter),
+                              "files": info["files"]}
+        secs["export"] = time.perf_counter() - t
+        adapter.refuse()
+        if not skip_eval:
+            t = time.perf_counter()
+            metrics["quantized"] = evaluate_ppl(m, tok, ppl, eval_seqlen, data_dir, windows,
+                                                label=cfg.plan.default.label(), limit=eval_limit)
+            secs["evaluate"] += time.perf_counter() - t
+        secs["total"] = time.perf_counter() - t_start
+        report["seconds"] = {k: round(v, 3) for k, v in secs.items()}
+        report["peak_memory_mb"] = peak_memory_mb()
+        if tmp is not None:
+            (tmp / "report.json").write_text(dumps(report))
+
+    if out is None:
+        finish(None)
+    else:
+        with atomic_dir(out, overwrite) as tmp:
+            finish(tmp)
+        log.info("wrote %s", out)
+    return (report, m) if return_model else report
+
+
+def _natural(name: str):
+    return [int(p) if p.isdigit() else p for p in name.split(".")]

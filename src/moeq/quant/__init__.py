@@ -1,0 +1,1 @@
+"""Integer grids: quantization arguments and pure quantize/dequantize primitives."""

@@ -1,0 +1,147 @@
+"""The integer grid: quantization arguments, scales/zero points, quantize and dequantize.
+
+The only code in moeq that knows integer grids. Conventions follow compressed-tensors exactly so
+that an export is a serialisation, not a translation:
+
+* signed integers q in [-2^(b-1), 2^(b-1) - 1] (int4: [-8, 7]);
+* symmetric: zero = 0, scale = max|w| / ((qmax - qmin) / 2);
+* asymmetric: scale = (max - min) / (qmax - qmin) with 0 kept in range, zero = qmin - round(min / scale);
+* q = clamp(round(w / scale) + zero, qmin, qmax), w_hat = (q - zero) * scale;
+* per-channel (group_size = -1) or groups of ``group_size`` consecutive input columns; with act-order
+  ``g_idx[j]`` names the group of column j.
+
+Scales are rounded to the checkpoint's storage dtype (``scale_dtype``, bf16 for bf16 models) before
+the integers are chosen, so the exported checkpoint dequantizes to exactly moeq's in-memory weights.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class QuantArgs:
+    """Weight quantization arguments (field names mirror compressed-tensors' QuantizationArgs)."""
+
+    num_bits: int = 4
+    group_size: int = 128  # -1: one scale per output channel
+    symmetric: bool = True
+
+    def __post_init__(self):
+        if not isinstance(self.num_bits, int) or not 2 <= self.num_bits <= 8:
+            raise ValueError(f"bits must be an integer in 2..8, got {self.num_bits!r} (use --bits 2..8)")
+        if self.group_size != -1 and (not isinstance(self.group_size, int) or self.group_size <= 0):
+            raise ValueError(f"group size must be -1 (per channel) or a positive integer, got {self.group_size!r}")
+
+    @property
+    def qmin(self) -> int:
+        return -(1 << (self.num_bits - 1))
+
+    @property
+    def qmax(self) -> int:
+        return (1 << (self.num_bits - 1)) - 1
+
+    @property
+    def strategy(self) -> str:
+        return "channel" if self.group_size == -1 else "group"
+
+    def check_width(self, in_features: int, name: str = "") -> None:
+        if self.group_size != -1 and in_features % self.group_size:
+            raise ValueError(
+                f"group size {self.group_size} does not divide the input width {in_features} of {name or 'a linear'}; "
+                f"use a group size that divides it (e.g. 32, 64) or -1 for per-channel scales")
+
+    def num_groups(self, in_features: int) -> int:
+        return 1 if self.group_size == -1 else in_features // self.group_size
+
+    def label(self) -> str:
+        g = "c" if self.group_size == -1 else str(self.group_size)
+        return f"w{self.num_bits}g{g}{'' if self.symmetric else 'a'}"
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def _round_scale(scale: torch.Tensor, scale_dtype: torch.dtype | None) -> torch.Tensor:
+    scale = scale.clamp_min(1e-10)  # a constant-zero row still gets a usable scale
+    if scale_dtype is not None and scale_dtype != scale.dtype:
+        scale = scale.to(scale_dtype).to(torch.float32)
+    return scale
+
+
+def qparams_from_range(xmin: torch.Tensor, xmax: torch.Tensor, args: QuantArgs,
+                       scale_dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scale and integer zero point from per-(row, group) minima/maxima."""
+    xmin = torch.minimum(xmin, torch.zeros_like(xmin))  # 0 must be representable
+    xmax = torch.maximum(xmax, torch.zeros_like(xmax))
+    qrange = float(args.qmax - args.qmin)
+    if args.symmetric:
+        scale = _round_scale(torch.maximum(xmin.abs(), xmax) / (qrange / 2), scale_dtype)
+        zero = torch.zeros_like(scale)
+    else:
+        scale = _round_scale((xmax - xmin) / qrange, scale_dtype)
+        zero = torch.clamp(args.qmin - torch.round(xmin / scale), args.qmin, args.qmax)
+    return scale, zero
+
+
+def group_view(W: torch.Tensor, args: QuantArgs) -> torch.Tensor:
+    """(out, in) -> (out, G, gs) with consecutive columns grouped (per channel: G = 1)."""
+    out, inp = W.shape
+    gs = inp if args.group_size == -1 else args.group_size
+    return W.reshape(out, inp // gs, gs)
+
+
+def compute_qparams(W: torch.Tensor, args: QuantArgs, scale_dtype: torch.dtype | None = None,
+                    shrink: torch.Tensor | float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Min-max scales of W (out, in) per (row, group), optionally shrunk by a clip factor. -> (out, G) x2."""
+    Wg = group_view(W.float(), args)  # (out, G, gs)
+    return qparams_from_range(Wg.amin(-1) * shrink, Wg.amax(-1) * shrink, args, scale_dtype)
+
+
+def _expand(t: torch.Tensor, args: QuantArgs, inp: int, g_idx: torch.Tensor | None) -> torch.Tensor:
+    """(out, G) -> (out, in): the parameter of each weight's group."""
+    if g_idx is not None:
+        return t[:, g_idx]
+    gs = inp if args.group_size == -1 else args.group_size
+    return t.repeat_interleave(gs, dim=1)
+
+
+def quantize(W: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, args: QuantArgs,
+             g_idx: torch.Tensor | None = None) -> torch.Tensor:
+    """Integers of W (out, in) on the grid -> int8 (out, in)."""
+    inp = W.shape[1]
+    s, z = _expand(scale, args, inp, g_idx), _expand(zero, args, inp, g_idx)
+    return torch.clamp(torch.round(W.float() / s) + z, args.qmin, args.qmax).to(torch.int8)
+
+
+def dequantize(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, args: QuantArgs,
+               g_idx: torch.Tensor | None = None) -> torch.Tensor:
+    """(q - zero) * scale, in fp32 -> (out, in)."""
+    inp = q.shape[1]
+    return (q.float() - _expand(zero, args, inp, g_idx)) * _expand(scale, args, inp, g_idx)
+
+
+def fake_quantize(W: torch.Tensor, args: QuantArgs, scale_dtype: torch.dtype | None = None) -> torch.Tensor:
+    scale, zero = compute_qparams(W, args, scale_dtype)
+    return dequantize(quantize(W, scale, zero, args), scale, zero, args)
+
+
+def search_clip(W: torch.Tensor, args: QuantArgs, scale_dtype: torch.dtype | None = None, grid: int = 80,
+                max_shrink: float = 0.8, norm: float = 2.4) -> torch.Tensor:
+    """MSE clip search (GPTQ/QuaRot style): per (row, group) pick the shrink p in {1.00, 0.99, ...,
+    1 - max_shrink + 0.01} minimising sum |w - q(w)|^norm. Returns the shrink factors (out, G)."""
+    Wg = group_view(W.float(), args)  # (out, G, gs)
+    xmin, xmax = Wg.amin(-1), Wg.amax(-1)  # (out, G)
+    best = torch.full_like(xmin, float("inf"))
+    best_p = torch.ones_like(xmin)
+    for i in range(int(max_shrink * grid)):
+        p = 1 - i / grid
+        scale, zero = qparams_from_range(xmin * p, xmax * p, args, scale_dtype)
+        q = torch.clamp(torch.round(Wg / scale[..., None]) + zero[..., None], args.qmin, args.qmax)
+        err = ((q - zero[..., None]) * scale[..., None] - Wg).abs().pow(norm).sum(-1)  # (out, G)
+        better = err < best
+        best = torch.where(better, err, best)
+        best_p = torch.where(better, torch.full_like(best_p, p), best_p)
+    return best_p

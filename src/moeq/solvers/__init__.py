@@ -1,0 +1,1 @@
+"""Per-linear solvers: (W, stats, args) -> QuantResult. RTN and GPTQ."""

@@ -1,0 +1,1 @@
+"""Small shared helpers: progress bars, device and memory, atomic output folders."""

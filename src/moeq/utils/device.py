@@ -1,0 +1,36 @@
+"""Device choice and memory readings; the only device policy in moeq besides the block loop."""
+
+from __future__ import annotations
+
+import resource
+import sys
+
+import torch
+
+
+def resolve_device(device: str = "auto") -> str:
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError("--device cuda was requested but no CUDA device is available; use --device cpu")
+    if device not in ("cpu",) and not device.startswith("cuda"):
+        raise ValueError(f"unknown --device {device!r}; use auto, cpu or cuda[:N]")
+    return device
+
+
+def peak_memory_mb() -> dict:
+    """Peak resident memory of this process (and peak CUDA allocation when a GPU was used), MiB."""
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    rss_mb = rss / (1 << 20) if sys.platform == "darwin" else rss / 1024
+    out = {"cpu_rss": round(rss_mb, 1)}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        out["cuda_allocated"] = round(torch.cuda.max_memory_allocated() / (1 << 20), 1)
+    return out
+
+
+def fits_on_device(model: torch.nn.Module, device: str, fraction: float = 0.6) -> bool:
+    """Whether the whole model fits comfortably in the device's memory (CPU: always in place)."""
+    if device == "cpu":
+        return False
+    need = sum(p.numel() * p.element_size() for p in model.parameters())
+    return need < torch.cuda.get_device_properties(torch.device(device)).total_memory * fraction

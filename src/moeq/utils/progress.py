@@ -1,0 +1,24 @@
+"""Progress bars and logging, in one place (tqdm; silenced with MOEQ_QUIET=1 or when not a TTY in tests)."""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+
+from tqdm.auto import tqdm
+
+log = logging.getLogger("moeq")
+
+
+def progress(iterable=None, desc: str = "", total: int | None = None, unit: str = "it", leave: bool = False):
+    """A tqdm bar on stderr; disabled by MOEQ_QUIET=1."""
+    disable = os.environ.get("MOEQ_QUIET") == "1"
+    return tqdm(iterable, desc=desc, total=total, unit=unit, leave=leave, disable=disable, file=sys.stderr,
+                dynamic_ncols=True, mininterval=0.5)
+
+
+def setup_logging(verbose: bool = False) -> None:
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format="%(message)s", stream=sys.stderr)
+    for noisy in ("transformers", "compressed_tensors", "httpx", "urllib3", "filelock"):
+        logging.getLogger(noisy).setLevel(logging.ERROR)

@@ -1,0 +1,91 @@
+"""The command line: the main job end to end on a tiny checkpoint, and clear errors for bad input."""
+
+import json
+
+import pytest
+
+from moeq.cli import main
+
+
+def run(capsys, *argv):
+    code = main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_quantize_prints_fp_and_quantized_ppl_and_writes_report(tiny_ckpt, tmp_path, capsys):
+    d = tiny_ckpt("qwen2_moe")
+    code, out, err = run(capsys, "quantize", d, "--out", tmp_path / "o", "--method", "rtn", "--bits", "4",
+                         "--group-size", "32", "--eval-seqlen", "128", "--eval-limit", "40", "--ppl", "wikitext2,c4", "-v")
+    assert code == 0, err
+    assert "wikitext2" in out and "FP" in out and "rtn w4g32" in out
+    rep = json.loads((tmp_path / "o" / "report.json").read_text())
+    fp, q = rep["metrics"]["fp"]["wikitext2"], rep["metrics"]["quantized"]["wikitext2"]
+    assert fp["ppl"] > 1 and q["ppl"] > 1 and q["bpb"] > 0 and fp["windows"] == q["windows"]
+    assert rep["avg_bits"] == 4.0 and rep["seconds"]["total"] > 0 and rep["peak_memory_mb"]["cpu_rss"] > 0
+    assert rep["size"]["checkpoint_bytes"] < rep["size"]["bf16_bytes"]
+    # the exported checkpoint evaluates to the in-memory quantized perplexity
+    code, out, err = run(capsys, "eval", tmp_path / "o", "--seqlen", "128", "--limit", "40", "--json", tmp_path / "e.json")
+    assert code == 0, err
+    res = json.loads((tmp_path / "e.json").read_text())
+    assert res["wikitext2"]["ppl"] == pytest.approx(q["ppl"], rel=1e-4)
+
+
+def test_existing_output_is_never_overwritten_without_flag(tiny_ckpt, tmp_path, capsys):
+    out = tmp_path / "o"
+    out.mkdir()
+    (out / "keep.txt").write_text("precious")
+    code, _, err = run(capsys, "quantize", tiny_ckpt("olmoe"), "--out", out, "--method", "rtn", "--group-size", "32",
+                       "--skip-eval")
+    assert code == 2 and "--overwrite" in err and (out / "keep.txt").read_text() == "precious"
+    code, _, err = run(capsys, "quantize", tiny_ckpt("olmoe"), "--out", out, "--method", "rtn", "--group-size", "32",
+                       "--skip-eval", "--overwrite")
+    assert code == 0, err
+    assert not (out / "keep.txt").exists() and (out / "report.json").exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temp folders left
+
+
+@pytest.mark.parametrize("argv, msg", [
+    (["--bits", "9"], "2..8"),
+    (["--bits", "1"], "2..8"),
+    (["--group-size", "48"], "does not divide"),
+    (["--group-size", "0"], "group size"),
+    (["--nsamples", "0"], "nsamples"),
+    (["--calib", "nope", "--group-size", "32"], "unknown text source"),
+])
+def test_bad_arguments_name_the_fix(argv, msg, tiny_ckpt, tmp_path, capsys):
+    code, _, err = run(capsys, "quantize", tiny_ckpt("mixtral"), "--out", tmp_path / "o", "--skip-eval", *argv)
+    assert code == 2 and msg in err
+    assert not (tmp_path / "o").exists()
+
+
+def test_unreadable_and_unknown_checkpoints(tmp_path, capsys):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    code, _, err = run(capsys, "eval", empty)
+    assert code == 2 and "no config.json" in err
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "config.json").write_text("{not json")
+    code, _, err = run(capsys, "eval", bad)
+    assert code == 2 and "cannot read the config" in err
+    gpt2 = tmp_path / "gpt2"
+    gpt2.mkdir()
+    (gpt2 / "config.json").write_text(json.dumps({"model_type": "gpt2", "architectures": ["GPT2LMHeadModel"]}))
+    code, _, err = run(capsys, "eval", gpt2)
+    assert code == 2 and "unknown architecture" in err and "qwen2_moe" in err
+    code, _, err = run(capsys, "eval", tmp_path / "does" / "not" / "exist")
+    assert code == 2 and "does not exist" in err
+
+
+def test_seqlen_longer_than_context_is_refused(tiny_ckpt, capsys):
+    code, _, err = run(capsys, "eval", tiny_ckpt("mixtral"), "--seqlen", "100000")
+    assert code == 2 and "context" in err
+
+
+def test_models_lists_the_bundled_models(capsys):
+    code, out, _ = run(capsys, "models", "--json")
+    rows = json.loads(out)
+    names = {r["name"] for r in rows}
+    assert {"qwen2-moe-tiny", "mixtral-tiny"} <= names
+    assert sum(r["default"] for r in rows) == 1

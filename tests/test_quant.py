@@ -1,0 +1,127 @@
+"""Integer grid primitives, RTN and the GPTQ solver on random weights and Hessians."""
+
+import pytest
+import torch
+
+from moeq.quant.primitives import QuantArgs, compute_qparams, dequantize, fake_quantize, quantize, search_clip
+from moeq.solvers.gptq import gptq
+from moeq.solvers.rtn import rtn
+
+g = torch.Generator().manual_seed(0)
+
+
+def rand_w(out=48, inp=256):
+    return torch.randn(out, inp, generator=g)
+
+
+def rand_h(inp=256, n=2048, corr=True):
+    X = torch.randn(n, inp, generator=g)
+    if corr:  # correlated, unequal-scale inputs like real activations
+        X = X @ (torch.eye(inp) + 0.3 * torch.randn(inp, inp, generator=g)) * torch.rand(inp, generator=g) * 3
+    return X.T @ X / n
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+@pytest.mark.parametrize("gs", [-1, 32, 128])
+@pytest.mark.parametrize("sym", [True, False])
+def test_grid_range_and_roundtrip(bits, gs, sym):
+    a = QuantArgs(bits, gs, sym)
+    W = rand_w()
+    s, z = compute_qparams(W, a)
+    q = quantize(W, s, z, a)
+    assert q.dtype == torch.int8 and q.min() >= a.qmin and q.max() <= a.qmax
+    Wh = dequantize(q, s, z, a)
+    assert torch.equal(quantize(Wh, s, z, a), q)  # dequantized weights re-quantize to the same ints
+    # error bounded by half a step per group (plus clamping of the symmetric max)
+    step = s.repeat_interleave(W.shape[1] // s.shape[1], 1)
+    assert ((W - Wh).abs() <= step * (1.0 if sym else 0.5) + 1e-6).all()
+
+
+def test_zero_rows_and_constant_rows_give_finite_scales():
+    W = torch.zeros(4, 64)
+    W[1] = 3.0
+    for a in (QuantArgs(4, 32, True), QuantArgs(4, 32, False)):
+        s, z = compute_qparams(W, a)
+        assert torch.isfinite(s).all() and (s > 0).all()
+        Wh = fake_quantize(W, a)
+        assert torch.equal(Wh[0], W[0]) and torch.isfinite(Wh).all()  # zero rows stay exactly zero
+        assert (Wh[1] - W[1]).abs().max() <= s[1].max() + 1e-6
+
+
+def test_bits_and_group_validation():
+    for bad in (1, 9, 0):
+        with pytest.raises(ValueError, match="2..8"):
+            QuantArgs(bad)
+    with pytest.raises(ValueError, match="does not divide"):
+        QuantArgs(4, 96).check_width(256, "x")
+
+
+def test_scales_are_rounded_to_the_storage_dtype():
+    s, _ = compute_qparams(rand_w(), QuantArgs(4, 128), scale_dtype=torch.bfloat16)
+    assert torch.equal(s, s.to(torch.bfloat16).float())
+
+
+def test_mse_clip_never_worse_than_minmax():
+    W = rand_w()
+    a = QuantArgs(3, -1, True)
+    shrink = search_clip(W, a)
+    e_clip = (W - dequantize(quantize(W, *compute_qparams(W, a, shrink=shrink), a), *compute_qparams(W, a, shrink=shrink), a)).abs().pow(2.4).sum()
+    e_mm = (W - fake_quantize(W, a)).abs().pow(2.4).sum()
+    assert e_clip <= e_mm + 1e-6
+
+
+@pytest.mark.parametrize("gs", [-1, 128])
+@pytest.mark.parametrize("bits", [3, 4])
+@pytest.mark.parametrize("act_order", [False, True])
+def test_gptq_loss_not_above_rtn(gs, bits, act_order):
+    W, H = rand_w(), rand_h()
+    a = QuantArgs(bits, gs, True)
+    r = gptq(W, H, a, act_order=act_order)[0]
+    base = rtn(W, a, H=H)
+    assert r.loss <= base.loss
+    assert r.loss < 0.9 * base.loss  # on correlated inputs GPTQ is clearly better
+
+
+def test_identity_hessian_gives_rtn():
+    W = rand_w()
+    a = QuantArgs(4, 128, True)
+    r = gptq(W, torch.eye(W.shape[1]), a)[0]
+    base = rtn(W, a)
+    assert torch.equal(r.q, base.q) and torch.equal(r.scale, base.scale)
+
+
+def test_act_order_dequantizes_in_original_column_order():
+    W, H = rand_w(), rand_h()
+    a = QuantArgs(4, 64, True)
+    r = gptq(W, H, a, act_order=True)[0]
+    assert r.g_idx is None  # static groups: consecutive groups of the original columns
+    Wh = r.dequantize()
+    # the recomputed loss from the original-order dequantization equals the solver's loss
+    D = Wh - W
+    assert torch.isclose(((D @ H) * D).sum(), torch.tensor(r.loss), rtol=1e-4)
+    # static groups: scales are those of the original columns' groups
+    s, _ = compute_qparams(W, a)
+    assert torch.allclose(r.scale, s)
+
+
+def test_batched_equals_one_by_one():
+    Ws = torch.stack([rand_w(32, 128) for _ in range(5)])
+    Hs = torch.stack([rand_h(128, 512) for _ in range(5)])
+    a = QuantArgs(4, 64, True)
+    batched = gptq(Ws, Hs, a)
+    for b in range(5):
+        single = gptq(Ws[b], Hs[b], a)[0]
+        assert torch.equal(batched[b].q, single.q)
+        assert abs(batched[b].loss - single.loss) <= 1e-4 * max(1.0, single.loss)
+
+
+def test_dead_columns_are_not_wiped_and_singular_hessians_get_more_damping():
+    W = rand_w(16, 64)
+    X = torch.randn(8, 64, generator=g)
+    X[:, :10] = 0  # never-active inputs
+    H = X.T @ X / 8  # rank 8: singular
+    r = gptq(W, H, QuantArgs(4, 32, True), damp=1e-8)[0]
+    Wh = r.dequantize()
+    assert torch.isfinite(Wh).all()
+    assert (Wh[:, :10].abs().sum(0) > 0).all()  # dead columns quantized, not zeroed
+    assert r.info["dead_columns"] == 10
