@@ -38,7 +38,7 @@ CONFIGS = {
             hidden_size=256, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=4,
             intermediate_size=512, moe_intermediate_size=128, shared_expert_intermediate_size=512,
             num_experts=16, num_experts_per_tok=4, norm_topk_prob=False, decoder_sparse_step=1,
-            router_aux_loss_coef=0.02, output_router_logits=True, qkv_bias=True,
+            router_aux_loss_coef=0.0, output_router_logits=True, qkv_bias=True,
             max_position_embeddings=512, rope_theta=10000.0, tie_word_embeddings=True,
             rms_norm_eps=1e-6, use_sliding_window=False,
         ),
@@ -48,7 +48,7 @@ CONFIGS = {
         kwargs=dict(
             hidden_size=256, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
             intermediate_size=256, num_local_experts=8, num_experts_per_tok=2,
-            router_aux_loss_coef=0.02, output_router_logits=True,
+            router_aux_loss_coef=0.0, output_router_logits=True,
             max_position_embeddings=512, rope_theta=10000.0, tie_word_embeddings=True,
             rms_norm_eps=1e-6, sliding_window=None,
         ),
@@ -152,6 +152,20 @@ def build_model(arch: str, vocab_size: int, eos_id: int):
     return transformers.AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
 
 
+def balance_loss(router_logits, top_k: int) -> torch.Tensor:
+    """Switch-style load-balancing loss E * sum_e f_e P_e computed *per layer* and averaged (1.0 when
+    balanced). transformers' built-in aux loss pools all layers' logits together, which lets one layer
+    starve an expert as long as another layer overuses it; balancing each layer keeps every expert alive."""
+    losses = []
+    for lg in router_logits:
+        p = torch.softmax(lg.float(), dim=-1)  # (N, E)
+        E = p.shape[-1]
+        top = p.topk(top_k, dim=-1).indices  # (N, k)
+        f = torch.zeros_like(p).scatter_(1, top, 1.0).mean(0) / top_k  # fraction of assignments (E,)
+        losses.append(E * (f * p.mean(0)).sum())
+    return torch.stack(losses).mean()
+
+
 def lr_at(step: int, total: int, peak: float, warmup: int) -> float:
     if step < warmup:
         return peak * (step + 1) / warmup
@@ -175,6 +189,7 @@ def main():
     ap.add_argument("--threads", type=int, default=0)
     ap.add_argument("--cache", default="/tmp/moeq_train_cache")
     ap.add_argument("--bf16", action="store_true", help="bf16 autocast for matmuls (CPU with AVX512-BF16)")
+    ap.add_argument("--balance-coef", type=float, default=0.02, help="per-layer load-balancing loss weight")
     args = ap.parse_args()
 
     if args.threads:
@@ -235,6 +250,8 @@ def main():
 
     log = {"arch": args.arch, "params": n_params, "steps": args.steps, "batch": B, "seqlen": T, "lr": args.lr,
            "seed": args.seed, "threads": torch.get_num_threads(), "train_tokens_available": train_ids.numel(),
+           "bf16": args.bf16, "tokenizer": args.tokenizer or "trained by this run",
+           "balance_coef": args.balance_coef, "warmup": args.warmup,
            "curve": []}
     model.train()
     t_train = time.time()
@@ -245,16 +262,17 @@ def main():
         x = batch_from(train_ids, gen)
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.bf16):
             outp = model(input_ids=x, labels=x)
-        loss = outp.loss  # includes router_aux_loss_coef * load-balancing loss
+        bal = balance_loss(outp.router_logits, model.config.num_experts_per_tok)
+        loss = outp.loss + args.balance_coef * bal  # model's aux coef is 0: outp.loss is the LM loss
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
-        lm = (outp.loss - model.config.router_aux_loss_coef * outp.aux_loss).item()
+        lm = outp.loss.item()
         ema = lm if ema is None else 0.98 * ema + 0.02 * lm
         if step % 50 == 0 or step == args.steps - 1:
             el = time.time() - t_train
-            print(f"step {step:5d} lm_loss {lm:.3f} (ema {ema:.3f}) aux {outp.aux_loss.item():.3f} "
+            print(f"step {step:5d} lm_loss {lm:.3f} (ema {ema:.3f}) balance {bal.item():.3f} "
                   f"{el / (step + 1):.2f}s/step elapsed {el / 60:.1f}min", flush=True)
         if step % 500 == 0 or step == args.steps - 1:
             v = val_loss()

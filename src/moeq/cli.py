@@ -39,14 +39,23 @@ def build_parser() -> argparse.ArgumentParser:
     sym = q.add_mutually_exclusive_group()
     sym.add_argument("--sym", dest="sym", action="store_true", default=True, help="symmetric grid (default)")
     sym.add_argument("--asym", dest="sym", action="store_false", help="asymmetric grid with zero points")
-    q.add_argument("--calib", default="wikitext2", help="wikitext2, c4, gsm8k, humaneval, or a .txt/.jsonl path")
+    q.add_argument("--calib", default=None,
+                   help="wikitext2 (default), c4, gsm8k, humaneval, ebss (self-generated, cached), a .txt/.jsonl "
+                        "text file or a .jsonl of input_ids rows (moeq calib ebss); moequant defaults to ebss")
+    q.add_argument("--ebss-width", type=int, default=4, help="EBSS beam width (default 4)")
+    q.add_argument("--ebss-tau", type=float, default=1.2, help="EBSS balance temperature (default 1.2)")
+    q.add_argument("--agq", action=argparse.BooleanOptionalAction, default=None,
+                   help="affinity-guided Hessians for routed and shared experts (default: on for moequant)")
+    q.add_argument("--agq-gate-proj", action=argparse.BooleanOptionalAction, default=True,
+                   help="also weight the experts' gate_proj (MoEQuant Eq. 17; default on)")
     q.add_argument("--nsamples", type=int, default=128, help="calibration windows (default 128)")
     q.add_argument("--seqlen", type=int, default=None, help="calibration window length (default: min(2048, context))")
     q.add_argument("--seed", type=int, default=0)
     q.add_argument("--act-order", action="store_true", help="GPTQ act-order (static groups)")
     q.add_argument("--damp", type=float, default=0.01, help="GPTQ relative damping (default 0.01)")
     q.add_argument("--blocksize", type=int, default=128, help="GPTQ lazy-update block size")
-    q.add_argument("--mse-clip", action="store_true", help="MSE clip search for scales (RTN and GPTQ)")
+    q.add_argument("--mse-clip", action=argparse.BooleanOptionalAction, default=None,
+                   help="MSE clip search for scales, RTN and GPTQ (default: on for moequant, as in its code)")
     q.add_argument("--expert-coverage", choices=COVERAGE, default="routed",
                    help="routed: expert statistics from routed tokens only; all: every token through every "
                         "expert for statistics (outputs still combine routed experts only)")
@@ -68,22 +77,57 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--json", default=None, help="write the results to this file")
     _add_common(e)
 
+    c = sub.add_parser("calib", help="calibration sets: generate EBSS, measure expert balance")
+    csub = c.add_subparsers(dest="calib_cmd", required=True)
+    ce = csub.add_parser("ebss", help="the model writes its own expert-balanced calibration set (MoEQuant EBSS)")
+    ce.add_argument("model", nargs="?", default=None)
+    ce.add_argument("--num", type=int, default=128, help="sequences (default 128)")
+    ce.add_argument("--length", type=int, default=512, help="tokens per sequence (default 512)")
+    ce.add_argument("--width", type=int, default=4, help="beam width (default 4)")
+    ce.add_argument("--tau", type=float, default=1.2, help="balance temperature (default 1.2)")
+    ce.add_argument("--seed", type=int, default=0)
+    ce.add_argument("--batch", type=int, default=32, help="sequences generated together (x width rows)")
+    ce.add_argument("--out", required=True, help="output .jsonl (input_ids, text, nll, balance_std per line)")
+    ce.add_argument("--overwrite", action="store_true")
+    _add_common(ce)
+    cs = csub.add_parser("stats", help="expert-balance std and per-layer expert usage of a calibration set")
+    cs.add_argument("model", nargs="?", default=None)
+    cs.add_argument("--calib", required=True, help="wikitext2, c4, gsm8k, humaneval, or a .txt/.jsonl path")
+    cs.add_argument("--nsamples", type=int, default=128)
+    cs.add_argument("--seqlen", type=int, default=None)
+    cs.add_argument("--seed", type=int, default=0)
+    cs.add_argument("--json", default=None, help="write balance_std and per-layer counts here")
+    _add_common(cs)
+
     m = sub.add_parser("models", help="list the bundled models")
     m.add_argument("--json", action="store_true")
     return ap
+
+
+def resolve_method_defaults(a) -> None:
+    """Method presets: moequant = EBSS calibration + AGQ (with gate_proj) + MSE-clipped GPTQ, the
+    paper's code defaults; explicit flags always win."""
+    moequant = a.method == "moequant"
+    if a.calib is None:
+        a.calib = "ebss" if moequant else "wikitext2"
+    if a.agq is None:
+        a.agq = moequant
+    if a.mse_clip is None:
+        a.mse_clip = moequant
 
 
 def cmd_quantize(a) -> int:
     from .evaluate.report import format_table, module_table
     from .pipeline import quantize
 
+    resolve_method_defaults(a)
     cfg = QuantConfig(
         method=a.method,
         plan=BitPlan(default=QuantArgs(a.bits, a.group_size, a.sym)),
-        calib=CalibSpec(a.calib, a.nsamples, a.seqlen, a.seed),
+        calib=CalibSpec(a.calib, a.nsamples, a.seqlen, a.seed, a.ebss_width, a.ebss_tau),
         gptq=GPTQKnobs(a.blocksize, a.damp, a.act_order, a.mse_clip),
         expert_coverage=a.expert_coverage, min_tokens=a.min_tokens, fallback=a.fallback,
-        mse_clip=a.mse_clip, batch_size=a.batch_size)
+        mse_clip=a.mse_clip, batch_size=a.batch_size, agq=a.agq, agq_gate_proj=a.agq_gate_proj)
     rep = quantize(a.model, cfg, a.out, device=a.device, ppl=a.ppl, eval_seqlen=a.eval_seqlen,
                    skip_eval=a.skip_eval, eval_limit=a.eval_limit, overwrite=a.overwrite, data_dir=a.data_dir,
                    trust_remote_code=a.trust_remote_code)
@@ -118,6 +162,47 @@ def cmd_eval(a) -> int:
     return 0
 
 
+def cmd_calib(a) -> int:
+    from .models.loading import load_model
+    from .utils.device import fits_on_device, resolve_device
+
+    device = resolve_device(a.device)
+    if a.calib_cmd == "ebss":
+        from .calib.ebss import EBSSConfig, generate, write_jsonl
+        from .evaluate.routing import balance_std
+        from .utils.fs import check_output
+
+        check_output(a.out, a.overwrite)
+        cfg = EBSSConfig(a.num, a.length, a.width, a.tau, a.seed, a.batch)
+        loaded = load_model(a.model, device=device, trust_remote_code=a.trust_remote_code)
+        if fits_on_device(loaded.model, device):
+            loaded.model.to(device)
+        rows, stats = generate(loaded.model, loaded.tokenizer, cfg, device)
+        write_jsonl(rows, a.out)
+        nll = sum(r["nll"] for r in rows) / len(rows)
+        print(f"wrote {len(rows)} sequences x {a.length} tokens to {a.out} in {stats['seconds']:.1f}s "
+              f"({stats['tokens_per_s']:.0f} tokens/s); mean NLL {nll:.3f}, mean per-sequence balance std "
+              f"{sum(r['balance_std'] for r in rows) / len(rows):.4f}")
+        return 0
+    from .calib.windows import calibration_windows
+    from .evaluate.perplexity import default_seqlen
+    from .evaluate.routing import expert_usage, usage_summary
+    from .utils.fs import write_atomic
+
+    loaded = load_model(a.model, device=device, trust_remote_code=a.trust_remote_code)
+    cs = calibration_windows(loaded.tokenizer, a.calib, a.nsamples, default_seqlen(loaded.model, a.seqlen), a.seed,
+                             a.data_dir)
+    summary = usage_summary(expert_usage(loaded.model, cs.ids))
+    print(f"{cs.source}: {cs.ids.shape[0]} x {cs.ids.shape[1]} tokens; expert-balance std {summary['balance_std']:.4f}")
+    for i, r in summary["layers"].items():
+        print(f"  layer {i}: min/max share of uniform {r['min_rel_share']:.2f}/{r['max_rel_share']:.2f}  "
+              f"counts {r['counts']}")
+    if a.json:
+        write_atomic(a.json, json.dumps({"calib": cs.describe(), "balance_std": summary["balance_std"],
+                                         "layers": summary["layers"]}, indent=2) + "\n")
+    return 0
+
+
 def cmd_models(a) -> int:
     from .models.bundled import bundled_names, describe
 
@@ -143,7 +228,7 @@ def main(argv: list[str] | None = None) -> int:
     a = ap.parse_args(argv)
     setup_logging(getattr(a, "verbose", False))
     try:
-        return {"quantize": cmd_quantize, "eval": cmd_eval, "models": cmd_models}[a.cmd](a)
+        return {"quantize": cmd_quantize, "eval": cmd_eval, "calib": cmd_calib, "models": cmd_models}[a.cmd](a)
     except (ValueError, DataNotFoundError, CheckpointError, UnsupportedArchitectureError, OutputExistsError) as e:
         print(f"moeq {a.cmd}: error: {e}", file=sys.stderr)
         return 2

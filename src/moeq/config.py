@@ -11,7 +11,7 @@ from dataclasses import asdict, dataclass, field
 
 from .quant.primitives import QuantArgs
 
-METHODS = ("rtn", "gptq")
+METHODS = ("rtn", "gptq", "moequant")  # moequant = EBSS calibration + AGQ + GPTQ
 COVERAGE = ("routed", "all")
 FALLBACKS = ("rtn", "avg-hessian")
 
@@ -20,10 +20,12 @@ FALLBACKS = ("rtn", "avg-hessian")
 class CalibSpec:
     """Which text calibrates, and how much of it."""
 
-    source: str = "wikitext2"  # named source or a .txt/.jsonl path
+    source: str = "wikitext2"  # named source, "ebss" (self-generated), or a .txt/.jsonl path
     nsamples: int = 128
     seqlen: int | None = None  # None: min(2048, model context)
     seed: int = 0
+    ebss_width: int = 4  # EBSS beam width
+    ebss_tau: float = 1.2  # EBSS balance temperature
 
     def __post_init__(self):
         if self.nsamples < 1:
@@ -78,6 +80,9 @@ class QuantConfig:
     fallback: str = "rtn"
     mse_clip: bool = False  # for RTN
     batch_size: int = 8  # calibration sequences per forward in the block loop
+    batched_solve: bool = True  # solve equal-shaped linears (a layer's experts) in one batched GPTQ call
+    agq: bool = False  # affinity-guided Hessians: each routed row weighted by its combine coefficient c
+    agq_gate_proj: bool = True  # also weight the experts' gate_proj (MoEQuant Eq. 17 approximation)
 
     def __post_init__(self):
         if self.method not in METHODS:
@@ -92,6 +97,11 @@ class QuantConfig:
     @property
     def needs_calibration(self) -> bool:
         return self.method != "rtn"
+
+    @property
+    def solver(self) -> str:
+        """The per-linear solver: RTN, or GPTQ for every calibrated method."""
+        return "rtn" if self.method == "rtn" else "gptq"
 
     def to_dict(self) -> dict:
         d = asdict(self)

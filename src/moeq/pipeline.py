@@ -7,18 +7,23 @@ The output folder is assembled in a temporary sibling and renamed into place at 
 
 from __future__ import annotations
 
+import copy
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
+import torch
+
 from . import __version__
-from .calib.windows import calibration_windows
-from .capture.sequential import quantize_model
+from .calib.ebss import EBSSConfig, ebss_calibration
+from .calib.windows import CalibSet, calibration_windows
+from .capture.sequential import LoopResult, quantize_model
 from .config import QuantConfig
 from .evaluate.perplexity import default_seqlen, evaluate_ppl
 from .evaluate.report import SCHEMA_VERSION, bit_stats, dumps
 from .export.compressed_tensors import bf16_size_bytes, save_checkpoint
 from .models.adapter import ModelAdapter
-from .models.loading import load_model
+from .models.loading import Loaded, load_model
 from .utils.device import fits_on_device, peak_memory_mb, resolve_device
 from .utils.fs import atomic_dir, check_output
 from .utils.progress import log
@@ -62,17 +67,9 @@ def quantize(model: str | None, cfg: QuantConfig, out: str | Path | None, *, dev
         metrics["fp"] = evaluate_ppl(m, tok, ppl, eval_seqlen, data_dir, windows, label="FP", limit=eval_limit)
         secs["evaluate"] += time.perf_counter() - t
 
-    adapter.unfuse()
-    calib = None
-    if cfg.needs_calibration:
-        t = time.perf_counter()
-        seqlen = default_seqlen(m, cfg.calib.seqlen)
-        calib = calibration_windows(tok, cfg.calib.source, cfg.calib.nsamples, seqlen, cfg.calib.seed, data_dir)
-        secs["calibration"] = time.perf_counter() - t
-
-    t = time.perf_counter()
-    loop = quantize_model(adapter, cfg, calib.ids if calib is not None else None, device, loaded.storage_dtype)
-    secs["quantize"] = time.perf_counter() - t
+    q = quantize_loaded(loaded, cfg, data_dir, device, copy_model=False)
+    calib, loop = q.calib, q.loop
+    secs["calibration"], secs["quantize"] = q.seconds["calibration"], q.seconds["quantize"]
 
     rows = sorted(loop.rows.values(), key=lambda r: _natural(r["name"]))
     report = {
@@ -99,11 +96,12 @@ def quantize(model: str | None, cfg: QuantConfig, out: str | Path | None, *, dev
     def finish(tmp: Path | None):
         t = time.perf_counter()
         if tmp is not None:
+            adapter.unfuse()  # export reads the per-expert view
             info = save_checkpoint(adapter, loop.results, tmp, loaded.storage_dtype, tok)
             report["size"] = {"checkpoint_bytes": info["bytes"], "bf16_bytes": bf16_size_bytes(adapter),
                               "files": info["files"]}
+            adapter.refuse()  # the model's own (fused) forward for evaluation
         secs["export"] = time.perf_counter() - t
-        adapter.refuse()
         if not skip_eval:
             t = time.perf_counter()
             metrics["quantized"] = evaluate_ppl(m, tok, ppl, eval_seqlen, data_dir, windows,
@@ -122,6 +120,45 @@ def quantize(model: str | None, cfg: QuantConfig, out: str | Path | None, *, dev
             finish(tmp)
         log.info("wrote %s", out)
     return (report, m) if return_model else report
+
+
+@dataclass
+class Quantized:
+    """An in-memory quantized model (experts re-fused) and what the block loop recorded."""
+
+    model: torch.nn.Module
+    adapter: ModelAdapter
+    loop: LoopResult
+    calib: CalibSet | None
+    seconds: dict
+
+
+def quantize_loaded(loaded: Loaded, cfg: QuantConfig, data_dir=None, device: str = "cpu",
+                    copy_model: bool = True) -> Quantized:
+    """Calibrate and quantize a loaded model (a deep copy unless ``copy_model`` is False)."""
+    m = copy.deepcopy(loaded.model) if copy_model else loaded.model
+    adapter = ModelAdapter.for_model(m)
+    t = time.perf_counter()
+    calib = make_calibration(m, loaded.tokenizer, loaded.path, cfg, data_dir, device) if cfg.needs_calibration else None
+    t_cal = time.perf_counter() - t
+    adapter.unfuse()
+    t = time.perf_counter()
+    loop = quantize_model(adapter, cfg, calib.ids if calib is not None else None, device, loaded.storage_dtype)
+    t_q = time.perf_counter() - t
+    adapter.refuse()
+    return Quantized(m, adapter, loop, calib, {"calibration": t_cal, "quantize": t_q})
+
+
+def make_calibration(model, tokenizer, model_path: str, cfg: QuantConfig, data_dir=None, device="cpu") -> CalibSet:
+    """Calibration token ids: windows of a text source, or an EBSS set the model writes itself."""
+    seqlen = default_seqlen(model, cfg.calib.seqlen)
+    c = cfg.calib
+    if c.source == "ebss":
+        ecfg = EBSSConfig(num=c.nsamples, length=seqlen, width=c.ebss_width, tau=c.ebss_tau, seed=c.seed)
+        ids, info = ebss_calibration(model, tokenizer, model_path, ecfg, device)
+        notes = [f"EBSS set {'reused from' if info['reused'] else 'generated and cached at'} {info['cache']}"]
+        return CalibSet(ids, "ebss", info["cache"], notes)
+    return calibration_windows(tokenizer, c.source, c.nsamples, seqlen, c.seed, data_dir)
 
 
 def _natural(name: str):

@@ -12,6 +12,7 @@ never overlap, so no model is evaluated on text it was calibrated on.
 
 from __future__ import annotations
 
+import functools
 import gzip
 import json
 import os
@@ -99,14 +100,12 @@ def _docs_from_file(name: str, path: Path) -> list[str]:
 def _from_hub(name: str, split: str) -> TextSource:
     if os.environ.get("HF_HUB_OFFLINE") == "1" or os.environ.get("HF_DATASETS_OFFLINE") == "1":
         raise DataNotFoundError("offline mode is set")
+    if not _hub_reachable():  # fail fast when there is no network instead of waiting on retries
+        raise DataNotFoundError("huggingface.co is unreachable")
     try:
         import datasets  # optional dependency
     except ImportError as e:
         raise DataNotFoundError("the `datasets` package is not installed") from e
-    try:  # fail fast when there is no network instead of waiting on retries
-        socket.create_connection(("huggingface.co", 443), timeout=3).close()
-    except OSError as e:
-        raise DataNotFoundError(f"huggingface.co is unreachable ({e.__class__.__name__})") from e
     repo, cfg = _HUB[name]
     if name == "c4":
         files = {"train": "en/c4-train.00000-of-01024.json.gz", "validation": "en/c4-validation.00000-of-00008.json.gz"}
@@ -117,6 +116,15 @@ def _from_hub(name: str, split: str) -> TextSource:
         [f"Question: {q}\nAnswer: {a}" for q, a in zip(ds["question"], ds["answer"])] if name == "gsm8k"
         else [p + s for p, s in zip(ds["prompt"], ds["canonical_solution"])])
     return TextSource(name, split, list(docs), f"hf://{repo}/{cfg or ''}:{split}")
+
+
+@functools.lru_cache(maxsize=1)
+def _hub_reachable() -> bool:
+    try:
+        socket.create_connection(("huggingface.co", 443), timeout=3).close()
+        return True
+    except OSError:
+        return False
 
 
 def load_text(name: str, split: str | None = None, data_dir: str | os.PathLike | None = None,

@@ -11,8 +11,8 @@ import torch
 from torch import nn
 
 
-class _StopForward(Exception):
-    """Raised by the capture hook to end the model forward after block 0's inputs are known."""
+class StopForward(Exception):
+    """Raised by a hook to end a forward early once everything it needs has been seen."""
 
 
 def _to(obj, device):
@@ -37,7 +37,7 @@ def capture_first_block_inputs(model: nn.Module, first_block: nn.Module,
         hidden = args[0] if args else kwargs.pop("hidden_states")
         kw = {k: v for k, v in kwargs.items() if k != "hidden_states"}
         captured.append((hidden.detach().cpu(), _to(kw, "cpu")))
-        raise _StopForward
+        raise StopForward
 
     handle = first_block.register_forward_pre_hook(hook, with_kwargs=True)
     embed_device = model.get_input_embeddings().weight.device  # embeddings stay where the model is
@@ -45,14 +45,18 @@ def capture_first_block_inputs(model: nn.Module, first_block: nn.Module,
         for ids in batches:
             try:
                 model(input_ids=ids.to(embed_device), use_cache=False)
-            except _StopForward:
+            except StopForward:
                 pass
     finally:
         handle.remove()
     return captured
 
 
-def block_output(block: nn.Module, hidden: torch.Tensor, kwargs: dict, device) -> torch.Tensor:
-    """Run one block on (b, T, H) hidden states; -> (b, T, H) on the compute device."""
-    out = block(hidden.to(device), **_to(kwargs, device))
+def block_output(block: nn.Module, hidden: torch.Tensor, kwargs: dict, device) -> torch.Tensor | None:
+    """Run one block on (b, T, H) hidden states; -> (b, T, H) on the compute device (None if a hook
+    stopped the forward early)."""
+    try:
+        out = block(hidden.to(device), **_to(kwargs, device))
+    except StopForward:
+        return None
     return out[0] if isinstance(out, tuple) else out

@@ -13,13 +13,14 @@ RTN needs no data: the same loop visits the same linears and skips the forward p
 from __future__ import annotations
 
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
 
 from ..config import QuantConfig
 from ..models.adapter import ModelAdapter, get_submodule
-from ..models.moe import ExpertSet
+from ..models.moe import ExpertSet, RoutedCall
 from ..solvers.base import QuantResult
 from ..solvers.batch import Task, solve_tasks
 from ..utils.progress import log, progress
@@ -34,22 +35,57 @@ class LoopResult:
     expert_tokens: dict[int, list[int]] = field(default_factory=dict)  # block -> routed tokens per expert
 
 
-def _expert_parents(adapter: ModelAdapter, i: int) -> dict[str, torch.nn.Module]:
-    """Full name of each expert module of block i -> module (for reading its RoutedCall)."""
+def _routing_parents(adapter: ModelAdapter, i: int) -> dict[str, torch.nn.Module]:
+    """Full name -> module of every module whose linears get per-row routing (experts, shared expert)."""
+    out = {}
     es = adapter.experts(i)
-    if not isinstance(es, ExpertSet):
-        return {}
-    base = f"{adapter.block_name(i)}.{adapter.spec.moe.experts}"
-    return {f"{base}.{e}": ex for e, ex in enumerate(es)}
+    if isinstance(es, ExpertSet):
+        base = f"{adapter.block_name(i)}.{adapter.spec.moe.experts}"
+        out.update({f"{base}.{e}": ex for e, ex in enumerate(es)})
+    shared = adapter.shared_expert(i)
+    if shared is not None:
+        out[f"{adapter.block_name(i)}.{adapter.spec.moe.shared_experts}"] = shared
+    return out
 
 
-def row_weight_fn(parents: dict[str, torch.nn.Module]):
-    """Hook helper: routed-row counts for expert linears (weights stay 1: plain GPTQ)."""
+@contextmanager
+def shared_expert_routing(adapter: ModelAdapter, i: int):
+    """Give the shared expert a RoutedCall per forward: c = its gate's coefficient per token
+    (registry ``shared_combine``: sigmoid(shared_gate(x)), or 1 where the model applies none)."""
+    shared = adapter.shared_expert(i)
+    if shared is None:
+        yield
+        return
+    gate = adapter.shared_gate(i) if adapter.spec.moe.shared_combine == "sigmoid_gate" else None
+
+    def hook(mod, args):
+        x = args[0].reshape(-1, args[0].shape[-1])  # (N, H)
+        c = torch.sigmoid(gate(x)).reshape(-1) if gate is not None else torch.ones(x.shape[0], device=x.device)
+        mod.moeq_routing = RoutedCall(torch.arange(x.shape[0], device=x.device), c,
+                                      torch.ones_like(c, dtype=torch.bool))
+
+    shared.moeq_routing = None
+    h = shared.register_forward_pre_hook(hook)
+    try:
+        yield
+    finally:
+        h.remove()
+        shared.moeq_routing = None
+
+
+def row_weight_fn(parents: dict[str, torch.nn.Module], agq: bool, unweighted_projs: tuple[str, ...] = ()):
+    """Hook helper for linears inside experts / the shared expert: (row weights, routed-row count).
+
+    With AGQ the weights are the combine coefficients c of each row (paired with its row by token
+    index by construction: the ExpertSet hands each expert exactly its rows and their c)."""
     def fn(name, mod, x):
-        ex = parents.get(name.rpartition(".")[0])
-        if ex is None or ex.moeq_routing is None:
+        parent_name, _, proj = name.rpartition(".")
+        ex = parents.get(parent_name)
+        rc = getattr(ex, "moeq_routing", None) if ex is not None else None
+        if rc is None:
             return None, None
-        return None, int(ex.moeq_routing.routed.sum())
+        w = rc.weight if agq and proj not in unweighted_projs else None
+        return w, int(rc.routed.sum())
     return fn
 
 
@@ -118,7 +154,9 @@ def quantize_model(adapter: ModelAdapter, cfg: QuantConfig, calib: torch.Tensor 
         home = next(block.parameters()).device
         block.to(device)  # onload: only the current block needs the compute device
         infos = {li.name: li for li in adapter.block_linears(i)}
-        parents = _expert_parents(adapter, i)
+        parents = _routing_parents(adapter, i)
+        gate_name = adapter.spec.moe.proj_names[0] if adapter.spec.moe else ""
+        weight_fn = row_weight_fn(parents, cfg.agq, () if cfg.agq_gate_proj else (gate_name,))
         es = adapter.experts(i)
         if isinstance(es, ExpertSet):
             es.coverage_all = cfg.expert_coverage == "all" and cfg.needs_calibration
@@ -126,8 +164,9 @@ def quantize_model(adapter: ModelAdapter, cfg: QuantConfig, calib: torch.Tensor 
             gs = None
             if cfg.needs_calibration:
                 modules = {f"{adapter.block_name(i)}.{n}": get_submodule(block, n) for n in names}
-                gs = GroupStats(modules, device, row_weight_fn(parents))
-                with gs:
+                routed = any(infos[n].role == "expert" for n in modules)  # experts may not all run
+                gs = GroupStats(modules, device, weight_fn, stop_when_complete=not routed)
+                with gs, shared_expert_routing(adapter, i):
                     for hidden, kw in inps:
                         gs.new_forward()
                         block_output(block, hidden, kw, device)

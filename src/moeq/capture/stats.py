@@ -11,6 +11,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .hooks import StopForward
+
 
 class HessianStats:
     """Running sum of (weighted) x x^T over calibration rows for one linear input."""
@@ -42,33 +44,43 @@ class GroupStats:
     identity within the same parent module (so different experts never alias each other).
     """
 
-    def __init__(self, modules: dict[str, nn.Module], device, row_weight=None):
+    def __init__(self, modules: dict[str, nn.Module], device, row_weight=None, stop_when_complete: bool = False):
         self.modules, self.device, self.row_weight = modules, device, row_weight
         self.stats: dict[str, HessianStats] = {}
         self.alias: dict[str, str] = {}
         self._seen: dict[tuple, str] = {}
+        self._called: set[str] = set()
         self._handles = []
+        # raise StopForward once every module has seen this forward's input: the rest of the block
+        # is not needed for this group's statistics (used for attention groups)
+        self.stop_when_complete = stop_when_complete
 
     def new_forward(self) -> None:
         self._seen.clear()
+        self._called.clear()
+
+    def _maybe_stop(self, name):
+        self._called.add(name)
+        if self.stop_when_complete and len(self._called) == len(self.modules):
+            raise StopForward
 
     def _hook(self, name):
         parent = name.rpartition(".")[0]
 
         def hook(mod, inputs):
             x = inputs[0]
-            key = (parent, x.data_ptr(), tuple(x.shape), x._version)
+            w, routed = self.row_weight(name, mod, x) if self.row_weight else (None, None)
+            # same input tensor and same row weights -> same Hessian
+            key = (parent, x.data_ptr(), tuple(x.shape), x._version, None if w is None else id(w))
             owner = self._seen.get(key)
             if owner is not None and owner != name:
                 self.alias.setdefault(name, owner)
-                return
-            if name in self.alias:
-                return
-            self._seen[key] = name
-            w, routed = self.row_weight(name, mod, x) if self.row_weight else (None, None)
-            if name not in self.stats:
-                self.stats[name] = HessianStats(x.shape[-1], self.device)
-            self.stats[name].add(x, w, routed)
+            elif name not in self.alias:
+                self._seen[key] = name
+                if name not in self.stats:
+                    self.stats[name] = HessianStats(x.shape[-1], self.device)
+                self.stats[name].add(x, w, routed)
+            self._maybe_stop(name)
         return hook
 
     def owner(self, name: str) -> str:

@@ -95,13 +95,13 @@ def packed_tensors(prefix: str, r: QuantResult, scale_dtype: torch.dtype) -> dic
     from compressed_tensors.compressors.pack_quantized.helpers import pack_to_int32
 
     out = {
-        f"{prefix}.weight_packed": pack_to_int32(r.q.to(torch.int8).contiguous(), r.args.num_bits),
+        f"{prefix}.weight_packed": pack_to_int32(r.q.to(torch.int8).contiguous(), r.args.num_bits).contiguous(),
         f"{prefix}.weight_scale": r.scale.to(scale_dtype).contiguous(),
         f"{prefix}.weight_shape": torch.tensor(list(r.q.shape), dtype=torch.int64),
     }
     if not r.args.symmetric:
         out[f"{prefix}.weight_zero_point"] = pack_to_int32(r.zero.to(torch.int8).contiguous(), r.args.num_bits,
-                                                           packed_dim=0)
+                                                           packed_dim=0).contiguous()
     return out
 
 

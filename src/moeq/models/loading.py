@@ -91,6 +91,7 @@ def load_model(model: str | None = None, dtype: torch.dtype | str = "auto", devi
     # quantized checkpoints may come back with some weights in the storage dtype (e.g. dequantized
     # bf16 experts): compute in one dtype
     cast_floating(m, dtype).eval()
+    m.config.dtype = dtype  # what the model holds now (the storage dtype is kept in Loaded)
     return Loaded(m, tok, path, stored)
 
 

@@ -57,7 +57,7 @@ def solve_tasks(tasks: list[Task], cfg: QuantConfig, scale_dtype, device) -> dic
             expert_H.setdefault(t.W.shape[1], []).append(t.H)
     plan: list[Task] = []
     for t in tasks:
-        if cfg.method == "gptq" and t.expert and t.tokens < cfg.min_tokens:
+        if cfg.solver == "gptq" and t.expert and t.tokens < cfg.min_tokens:
             if cfg.fallback == "avg-hessian" and expert_H.get(t.W.shape[1]):
                 t.H, t.fallback = torch.stack(expert_H[t.W.shape[1]]).mean(0), "avg-hessian"
             else:
@@ -67,10 +67,10 @@ def solve_tasks(tasks: list[Task], cfg: QuantConfig, scale_dtype, device) -> dic
     out: dict[str, tuple[QuantResult, dict]] = {}
     buckets: dict[tuple, list[Task]] = {}
     for t in plan:
-        use_gptq = cfg.method == "gptq" and t.fallback != "rtn" and t.H is not None
-        key = ("gptq" if use_gptq else "rtn", tuple(t.W.shape), t.args)
+        use_gptq = cfg.solver == "gptq" and t.fallback != "rtn" and t.H is not None
+        key = ("gptq" if use_gptq else "rtn", tuple(t.W.shape), t.args) + (() if cfg.batched_solve else (id(t),))
         buckets.setdefault(key, []).append(t)
-    for (kind, _, args), group in buckets.items():
+    for (kind, _, args, *_), group in buckets.items():
         t0 = time.perf_counter()
         if kind == "gptq":
             k = cfg.gptq

@@ -1,0 +1,91 @@
+"""Measure a bundled model and write its MODEL_CARD.md (every figure in the card comes from here).
+
+    python scripts/model_card.py src/moeq/bundled/qwen2-moe-tiny
+
+Reads train_log.json (written by train_bundled_model.py) for the training figures, then measures
+WikiText-2 test and C4 token perplexity and bits per byte with moeq's evaluator (the papers'
+protocol at the model's context length) and expert usage per MoE layer on WikiText-2 test.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+os.environ.setdefault("MOEQ_QUIET", "1")
+
+from moeq.evaluate.perplexity import default_seqlen, evaluate_ppl, wikitext2_windows  # noqa: E402
+from moeq.evaluate.routing import expert_usage, usage_summary  # noqa: E402
+from moeq.models.adapter import ModelAdapter  # noqa: E402
+from moeq.models.loading import load_model  # noqa: E402
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("model_dir")
+    args = ap.parse_args()
+    d = Path(args.model_dir)
+    log = json.loads((d / "train_log.json").read_text())
+    loaded = load_model(str(d))
+    m, tok = loaded.model, loaded.tokenizer
+    ad = ModelAdapter.for_model(m)
+    seqlen = default_seqlen(m)
+    ppl = evaluate_ppl(m, tok, ("wikitext2", "c4"), seqlen)
+    usage = usage_summary(expert_usage(m, wikitext2_windows(tok, seqlen).ids))
+    cfg = m.config
+    size = sum(f.stat().st_size for f in d.glob("*.safetensors"))
+    lines = [
+        f"# {d.name}",
+        "",
+        f"A small {type(m).__name__} ({cfg.model_type}) mixture-of-experts language model trained from scratch by "
+        "moeq's `scripts/train_bundled_model.py` on `../shared/data/train_corpus` (Wikipedia, Project Gutenberg, "
+        "Python code, Shakespeare, TinyStories; no WikiText-2 or C4 text). It exists so that moeq's quantization "
+        "methods can be run and measured on a real, trained MoE model offline.",
+        "",
+        "## Architecture",
+        "",
+        f"| | |\n|---|---|\n| parameters | {log['params']:,} |\n| layers | {cfg.num_hidden_layers} |\n"
+        f"| hidden size | {cfg.hidden_size} |\n| attention heads / kv heads | {cfg.num_attention_heads} / "
+        f"{cfg.num_key_value_heads} |\n| routed experts / top-k | {ad.num_experts} / {ad.top_k} |\n"
+        f"| expert intermediate size | {getattr(cfg, 'moe_intermediate_size', None) or cfg.intermediate_size} |\n"
+        f"| shared expert | {getattr(cfg, 'shared_expert_intermediate_size', 0) or 'none'} |\n"
+        f"| vocabulary | {cfg.vocab_size} (byte-level BPE trained on the same corpus) |\n"
+        f"| context | {cfg.max_position_embeddings} |\n| weights on disk | {size / 2**20:.1f} MiB (bf16) |",
+        "",
+        "## Training",
+        "",
+        f"| | |\n|---|---|\n| tokens seen | {log['tokens_seen']:,} ({log['steps']} steps x {log['batch']} x {log['seqlen']}) |\n"
+        f"| training time | {log['train_seconds'] / 60:.1f} min on {log['threads']} CPU thread(s) |\n"
+        f"| optimizer | AdamW, peak lr {log['lr']}, cosine to 10%, router load-balancing loss coef "
+        f"{cfg.router_aux_loss_coef} |\n| final train loss (EMA) | {log['final_train_lm_loss_ema']} |\n"
+        f"| final held-out loss | {log['final_val_loss']} (0.5% of corpus documents) |\n| seed | {log['seed']} |",
+        "",
+        f"## Evaluation (moeq eval, non-overlapping {seqlen}-token windows)",
+        "",
+        "| set | token perplexity | bits per byte | windows |\n|---|---|---|---|",
+    ]
+    for k, v in ppl.items():
+        lines.append(f"| {k} | {v['ppl']:.2f} | {v['bpb']:.4f} | {v['windows']} x {v['seqlen']} |")
+    lines += ["", "## Expert usage on WikiText-2 test", "",
+              f"Expert-balance std (MoEQuant Eq. 4, lower is more balanced): {usage['balance_std']:.4f}. "
+              "Share of each expert relative to the uniform share 1/E (1.0 = uniform):", "",
+              "| layer | min share | max share | tokens per expert |", "|---|---|---|---|"]
+    for i, r in usage["layers"].items():
+        lines.append(f"| {i} | {r['min_rel_share']:.2f} | {r['max_rel_share']:.2f} | {' '.join(map(str, r['counts']))} |")
+    starved = [i for i, r in usage["layers"].items() if r["min_rel_share"] < 0.2]
+    lines += ["", "No expert is starved (every expert gets at least 20% of its uniform share)." if not starved
+              else f"Layers with an expert below 20% of its uniform share: {starved}.", "",
+              "Reproduce: `python scripts/train_bundled_model.py " + f"--arch {log['arch']} --steps {log['steps']} "
+              f"--batch {log['batch']} --seqlen {log['seqlen']} --lr {log['lr']} --seed {log['seed']} "
+              f"--threads {log['threads']}{' --bf16' if log.get('bf16') else ''} --out DIR` "
+              "then `python scripts/model_card.py DIR`.", ""]
+    (d / "MODEL_CARD.md").write_text("\n".join(lines))
+    print("\n".join(lines))
+    return 0 if not starved else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

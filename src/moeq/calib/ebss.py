@@ -1,0 +1,206 @@
+"""EBSS: Expert-Balanced Self-Sampling (MoEQuant, Hu et al. 2025, Sec. 4.1; METHODS.md 1.2).
+
+The model writes its own calibration set. Each sequence starts from a random token and grows by a
+width-w beam search whose cost for extending a beam S (l tokens) by token v is
+
+    cost(S + v) = -(R_S + log P(v | S)) / (l + 1) + sigma(S) / tau
+
+R_S is the beam's cumulative log-probability and sigma(S) its expert-balance deviation: per MoE layer
+the sample std (1/(E-1)) of the normalised top-k expert frequencies over S's tokens, averaged over
+layers. The w *lowest*-cost children survive (the paper's "argmax" is a sign slip, METHODS.md). The
+balance term is the parent's ("deferred imbalance"): a token's routing is known once it is fed in.
+
+Speed: all sequences x beams advance together as one batch with a KV cache. Children of one parent
+share sigma(S) and have the same length, so the global best w are always among each parent's w most
+likely tokens: only those are expanded (exactly equivalent to scoring the whole vocabulary; tested).
+EOS and special tokens are never generated; sequences stop at the fixed length.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass
+
+import torch
+
+from ..models.adapter import ModelAdapter
+from ..utils.progress import progress
+
+
+@dataclass(frozen=True)
+class EBSSConfig:
+    num: int = 128  # sequences
+    length: int = 512  # tokens per sequence (including the random first token)
+    width: int = 4  # beams per sequence
+    tau: float = 1.2  # temperature of the balance term
+    seed: int = 0
+    batch: int = 32  # sequences generated together (x width rows per forward)
+    full_expansion: bool = False  # score every vocabulary token (slow; for checking the shortcut)
+
+    def __post_init__(self):
+        if self.num < 1 or self.length < 2 or self.width < 1 or self.tau <= 0 or self.batch < 1:
+            raise ValueError(f"invalid EBSS settings {self}: need num>=1, length>=2, width>=1, tau>0, batch>=1")
+
+
+def sequence_sigma(counts: torch.Tensor) -> torch.Tensor:
+    """Balance deviation per row from expert counts (rows, L_moe, E) -> (rows,)."""
+    c = counts.float()
+    freq = c / c.sum(-1, keepdim=True).clamp_min(1)  # (rows, L, E)
+    return freq.std(-1, unbiased=True).mean(-1)  # (rows,)
+
+
+class _RoutingTap:
+    """Forward pre-hooks on every MoE layer's experts module recording the newest tokens' top-k."""
+
+    def __init__(self, ad: ModelAdapter):
+        self.blocks = ad.moe_blocks()
+        self.E = ad.num_experts
+        self.last: dict[int, torch.Tensor] = {}
+        self.handles = [ad.experts(i).register_forward_pre_hook(self._hook(i)) for i in self.blocks]
+
+    def _hook(self, i):
+        def hook(mod, args):
+            self.last[i] = args[1]  # (rows * new tokens, k)
+        return hook
+
+    def counts(self, rows: int) -> torch.Tensor:
+        """Expert counts of the newest token of each row: (rows, L_moe, E)."""
+        out = []
+        for i in self.blocks:
+            idx = self.last[i].reshape(rows, -1)  # (rows, k)
+            out.append(torch.zeros(rows, self.E, dtype=torch.long, device=idx.device).scatter_add_(
+                1, idx, torch.ones_like(idx)))
+        return torch.stack(out, 1)  # (rows, L_moe, E)
+
+    def close(self):
+        for h in self.handles:
+            h.remove()
+
+
+def _forbidden(tokenizer, vocab: int) -> torch.Tensor:
+    bad = torch.zeros(vocab, dtype=torch.bool)
+    ids = set(tokenizer.all_special_ids or [])
+    if tokenizer.eos_token_id is not None:
+        ids.add(tokenizer.eos_token_id)
+    for i in ids:
+        if 0 <= i < vocab:
+            bad[i] = True
+    return bad
+
+
+@torch.inference_mode()
+def _generate_batch(model, tap: _RoutingTap, first: torch.Tensor, cfg: EBSSConfig, bad: torch.Tensor,
+                    device, bar) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Beam-search S sequences from their first tokens (S,). -> ids (S, L), mean NLL (S,), sigma (S,)."""
+    from transformers import DynamicCache
+
+    S, w, L = first.shape[0], cfg.width, cfg.length
+    B = S * w
+    ids = first.to(device).repeat_interleave(w)[:, None]  # (B, 1)
+    R = torch.zeros(B, dtype=torch.float64, device=device)  # cumulative log-prob
+    counts = torch.zeros(B, len(tap.blocks), tap.E, dtype=torch.long, device=device)
+    alive = torch.zeros(S, w, dtype=torch.bool, device=device)
+    alive[:, 0] = True  # the w rows of a sequence start as copies: only one is a real beam
+    alive = alive.reshape(B)
+    cache = DynamicCache()
+    base = torch.arange(S, device=device)[:, None] * w  # (S, 1) first row of each sequence
+    bad = bad.to(device)
+    for t in range(L - 1):
+        out = model(input_ids=ids[:, -1:], past_key_values=cache, use_cache=True)
+        counts += tap.counts(B)
+        sigma = sequence_sigma(counts)  # (B,) of the parent beams, their newest token included
+        logp = torch.log_softmax(out.logits[:, -1].float(), -1).double()  # (B, V)
+        logp[:, bad] = float("-inf")
+        l = t + 1  # current length; children have l + 1 tokens
+        if cfg.full_expansion:
+            cand_lp, cand_tok = logp, None
+        else:
+            cand_lp, cand_tok = logp.topk(w, dim=-1)  # (B, w): each parent's w most likely tokens
+        cost = -(R[:, None] + cand_lp) / (l + 1) + (sigma.double() / cfg.tau)[:, None]  # (B, K)
+        cost[~alive] = float("inf")
+        K = cost.shape[1]
+        best = cost.view(S, w * K).topk(w, dim=-1, largest=False).indices  # (S, w) lowest costs
+        parent = (base + best // K).reshape(B)  # (B,) global parent row of each surviving child
+        choice = (best % K).reshape(B)
+        tok = choice if cand_tok is None else cand_tok[parent, choice]  # (B,)
+        R = R[parent] + logp[parent, tok]
+        counts = counts[parent]
+        cache.reorder_cache(parent)
+        ids = torch.cat([ids[parent], tok[:, None]], 1)  # (B, l + 1)
+        alive = torch.isfinite(R)
+        bar.update(S)
+    model(input_ids=ids[:, -1:], past_key_values=cache, use_cache=True)  # route the last token too
+    counts += tap.counts(B)
+    sigma = sequence_sigma(counts)
+    final = (-R / (L - 1) + sigma.double() / cfg.tau).view(S, w)
+    pick = (base.squeeze(1) + final.argmin(-1))  # (S,) lowest-cost beam of each sequence
+    return ids[pick].cpu(), (-R[pick] / (L - 1)).float().cpu(), sigma[pick].float().cpu()
+
+
+def generate(model, tokenizer, cfg: EBSSConfig, device="cpu") -> tuple[list[dict], dict]:
+    """Generate ``cfg.num`` EBSS sequences. -> (rows {input_ids, text, nll, balance_std}, stats)."""
+    ad = ModelAdapter.for_model(model)
+    if not ad.moe_blocks():
+        raise ValueError("EBSS needs a mixture-of-experts model (this one has no MoE layers)")
+    if ad.spec.moe.layout == "modulelist":
+        ad.unfuse()
+    vocab = model.get_output_embeddings().weight.shape[0]
+    bad = _forbidden(tokenizer, vocab)
+    allowed = (~bad).nonzero().squeeze(1)
+    g = torch.Generator().manual_seed(cfg.seed)
+    first = allowed[torch.randint(0, allowed.numel(), (cfg.num,), generator=g)]  # random first tokens
+    tap = _RoutingTap(ad)
+    rows, t0 = [], time.perf_counter()
+    try:
+        with progress(total=cfg.num * (cfg.length - 1), desc="EBSS", unit="tok") as bar:
+            for s in range(0, cfg.num, cfg.batch):
+                ids, nll, sig = _generate_batch(model, tap, first[s:s + cfg.batch], cfg, bad, device, bar)
+                for r in range(ids.shape[0]):
+                    seq = ids[r].tolist()
+                    rows.append({"input_ids": seq, "text": tokenizer.decode(seq), "nll": round(float(nll[r]), 5),
+                                 "balance_std": round(float(sig[r]), 6)})
+    finally:
+        tap.close()
+    secs = time.perf_counter() - t0
+    stats = {"seconds": secs, "tokens": cfg.num * cfg.length, "tokens_per_s": cfg.num * cfg.length / secs,
+             "config": asdict(cfg)}
+    return rows, stats
+
+
+def write_jsonl(rows: list[dict], path) -> None:
+    from ..utils.fs import write_atomic
+
+    write_atomic(path, "".join(json.dumps(r) + "\n" for r in rows))
+
+
+def cache_path(model_path: str, cfg: EBSSConfig):
+    """Where an EBSS set for this model and these settings is cached ($MOEQ_CACHE or ~/.cache/moeq)."""
+    import hashlib
+    import os
+    from pathlib import Path
+
+    h = hashlib.sha1()
+    p = Path(model_path)
+    for f in sorted(p.glob("*.json")) + sorted(p.glob("*.safetensors")) if p.is_dir() else []:
+        st = f.stat()
+        h.update(f"{f.name}:{st.st_size}:{int(st.st_mtime)}".encode())
+    h.update(str(p.resolve() if p.exists() else model_path).encode())
+    h.update(json.dumps(asdict(cfg), sort_keys=True).encode())
+    root = Path(os.environ.get("MOEQ_CACHE", Path.home() / ".cache" / "moeq")) / "ebss"
+    return root / f"{p.name}-{h.hexdigest()[:16]}.jsonl"
+
+
+def ebss_calibration(model, tokenizer, model_path: str, cfg: EBSSConfig, device="cpu") -> tuple[torch.Tensor, dict]:
+    """Token ids (num, length) of an EBSS set, generated once per model and settings and then reused."""
+    path = cache_path(model_path, cfg)
+    info = {"cache": str(path)}
+    if path.is_file():
+        rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        info["reused"] = True
+    else:
+        rows, stats = generate(model, tokenizer, cfg, device)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_jsonl(rows, path)
+        info.update(reused=False, **{k: v for k, v in stats.items() if k != "config"})
+    return torch.tensor([r["input_ids"] for r in rows]), info
