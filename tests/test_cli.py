@@ -16,7 +16,8 @@ def run(capsys, *argv):
 def test_quantize_prints_fp_and_quantized_ppl_and_writes_report(tiny_ckpt, tmp_path, capsys):
     d = tiny_ckpt("qwen2_moe")
     code, out, err = run(capsys, "quantize", d, "--out", tmp_path / "o", "--method", "rtn", "--bits", "4",
-                         "--group-size", "32", "--eval-seqlen", "128", "--eval-limit", "40", "--ppl", "wikitext2,c4", "-v")
+                         "--group-size", "32", "--eval-seqlen", "128", "--ppl-limit", "40", "--ppl", "wikitext2,c4",
+                         "--tasks", "piqa,copa", "--limit", "3", "--fidelity", "-v")
     assert code == 0, err
     assert "wikitext2" in out and "FP" in out and "rtn w4g32" in out
     rep = json.loads((tmp_path / "o" / "report.json").read_text())
@@ -24,11 +25,18 @@ def test_quantize_prints_fp_and_quantized_ppl_and_writes_report(tiny_ckpt, tmp_p
     assert fp["ppl"] > 1 and q["ppl"] > 1 and q["bpb"] > 0 and fp["windows"] == q["windows"]
     assert rep["avg_bits"] == 4.0 and rep["seconds"]["total"] > 0 and rep["peak_memory_mb"]["cpu_rss"] > 0
     assert rep["size"]["checkpoint_bytes"] < rep["size"]["bf16_bytes"]
+    for side in ("fp", "quantized"):
+        assert set(rep["metrics"][side]["tasks"]) == {"piqa", "copa"}
+        assert 0 <= rep["metrics"][side]["tasks"]["piqa"]["acc_norm"] <= 1
+    fid = rep["metrics"]["fidelity"]
+    assert 0 < fid["mean_topk_set_agreement"] <= 1 and fid["kl_fp_to_quantized"] > 0
     # the exported checkpoint evaluates to the in-memory quantized perplexity
-    code, out, err = run(capsys, "eval", tmp_path / "o", "--seqlen", "128", "--limit", "40", "--json", tmp_path / "e.json")
+    code, out, err = run(capsys, "eval", tmp_path / "o", "--seqlen", "128", "--ppl-limit", "40", "--tasks", "piqa",
+                         "--limit", "3", "--json", tmp_path / "e.json")
     assert code == 0, err
     res = json.loads((tmp_path / "e.json").read_text())
     assert res["wikitext2"]["ppl"] == pytest.approx(q["ppl"], rel=1e-4)
+    assert res["tasks"]["piqa"]["acc_norm"] == pytest.approx(rep["metrics"]["quantized"]["tasks"]["piqa"]["acc_norm"])
 
 
 def test_existing_output_is_never_overwritten_without_flag(tiny_ckpt, tmp_path, capsys):

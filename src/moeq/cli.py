@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 
 from .config import COVERAGE, FALLBACKS, METHODS, BitPlan, CalibSpec, GPTQKnobs, QuantConfig
 from .quant.primitives import QuantArgs
@@ -24,6 +25,26 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data-dir", default=None, help="data folder (default: $MOEQ_DATA_DIR, then ../shared/data)")
     p.add_argument("--trust-remote-code", action="store_true", help="allow remote-code model classes")
     p.add_argument("-v", "--verbose", action="store_true")
+
+
+def _fewshot(s: str) -> dict[str, int]:
+    """"mmlu=5,gsm8k=8" -> {"mmlu": 5, "gsm8k": 8}."""
+    out = {}
+    for part in _csv(s):
+        name, _, n = part.partition("=")
+        if not n.strip().lstrip("-").isdigit():
+            raise argparse.ArgumentTypeError(f"--num-fewshot expects task=N pairs, e.g. mmlu=5,gsm8k=8; got {part!r}")
+        out[name.strip()] = int(n)
+    return out
+
+
+def _add_task_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--tasks", type=_csv, default=(),
+                   help="downstream tasks through lm-evaluation-harness, offline: hellaswag,piqa,boolq,copa,"
+                        "openbookqa,winogrande,arc_easy,arc_challenge,mmlu,mathqa,gsm8k,humaneval,lambada")
+    p.add_argument("--limit", type=int, default=None, help="first N examples of each task (each MMLU subject)")
+    p.add_argument("--num-fewshot", type=_fewshot, default=None, help="per-task shots, e.g. mmlu=5,gsm8k=8")
+    p.add_argument("--task-batch-size", type=int, default=8)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -64,16 +85,20 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--batch-size", type=int, default=8, help="calibration sequences per block forward")
     q.add_argument("--ppl", type=_csv, default=("wikitext2",), help="perplexity sets, e.g. wikitext2,c4")
     q.add_argument("--eval-seqlen", type=int, default=None, help="evaluation window (default: min(2048, context))")
-    q.add_argument("--eval-limit", type=int, default=None, help="evaluate only the first N windows (quick checks)")
-    q.add_argument("--skip-eval", action="store_true", help="skip the perplexity evaluation")
+    q.add_argument("--ppl-limit", type=int, default=None, help="evaluate only the first N windows (quick checks)")
+    _add_task_flags(q)
+    q.add_argument("--fidelity", action="store_true",
+                   help="also measure routing fidelity and KL(FP||quantized) on WikiText-2 (keeps an FP copy)")
+    q.add_argument("--skip-eval", action="store_true", help="skip the perplexity and task evaluation")
     q.add_argument("--overwrite", action="store_true", help="replace an existing non-empty --out")
     _add_common(q)
 
     e = sub.add_parser("eval", help="perplexity (and bits per byte) of a model or quantized checkpoint")
     e.add_argument("model", help="bundled name, checkpoint dir (quantized or not) or hub id")
-    e.add_argument("--ppl", type=_csv, default=("wikitext2",), help="wikitext2,c4")
+    e.add_argument("--ppl", type=_csv, default=("wikitext2",), help="wikitext2,c4 (or none)")
     e.add_argument("--seqlen", type=int, default=None, help="window length (default: min(2048, context))")
-    e.add_argument("--limit", type=int, default=None, help="only the first N windows of each set (quick checks)")
+    e.add_argument("--ppl-limit", type=int, default=None, help="only the first N windows of each set (quick checks)")
+    _add_task_flags(e)
     e.add_argument("--json", default=None, help="write the results to this file")
     _add_common(e)
 
@@ -99,6 +124,22 @@ def build_parser() -> argparse.ArgumentParser:
     cs.add_argument("--json", default=None, help="write balance_std and per-layer counts here")
     _add_common(cs)
 
+    b = sub.add_parser("bench", help="grid of methods x bits x calibration sets, cached per cell, paper tables")
+    b.add_argument("model", nargs="?", default=None)
+    b.add_argument("--out", required=True, help="bench folder (reused: finished cells are skipped)")
+    b.add_argument("--grid", default=None, help="YAML grid file (keys as the flags below); overrides them")
+    b.add_argument("--methods", type=_csv, default=("rtn", "gptq", "moequant"), help="rtn,gptq,gptq-agq,moequant")
+    b.add_argument("--bits", type=_csv, default=("4", "3"))
+    b.add_argument("--group-size", type=int, default=128)
+    b.add_argument("--calib", type=_csv, default=("wikitext2",), help="calibration sets for GPTQ-family methods")
+    b.add_argument("--nsamples", type=int, default=128)
+    b.add_argument("--seqlen", type=int, default=None)
+    b.add_argument("--ppl", type=_csv, default=("wikitext2", "c4"))
+    b.add_argument("--ppl-limit", type=int, default=None)
+    b.add_argument("--tasks", type=_csv, default=())
+    b.add_argument("--limit", type=int, default=None, help="first N examples per task")
+    _add_common(b)
+
     m = sub.add_parser("models", help="list the bundled models")
     m.add_argument("--json", action="store_true")
     return ap
@@ -118,7 +159,7 @@ def resolve_method_defaults(a) -> None:
 
 def cmd_quantize(a) -> int:
     from .evaluate.report import format_table, module_table
-    from .pipeline import quantize
+    from .pipeline import EvalSpec, quantize
 
     resolve_method_defaults(a)
     cfg = QuantConfig(
@@ -128,13 +169,19 @@ def cmd_quantize(a) -> int:
         gptq=GPTQKnobs(a.blocksize, a.damp, a.act_order, a.mse_clip),
         expert_coverage=a.expert_coverage, min_tokens=a.min_tokens, fallback=a.fallback,
         mse_clip=a.mse_clip, batch_size=a.batch_size, agq=a.agq, agq_gate_proj=a.agq_gate_proj)
-    rep = quantize(a.model, cfg, a.out, device=a.device, ppl=a.ppl, eval_seqlen=a.eval_seqlen,
-                   skip_eval=a.skip_eval, eval_limit=a.eval_limit, overwrite=a.overwrite, data_dir=a.data_dir,
+    evals = EvalSpec(ppl=_ppl_sets(a.ppl), seqlen=a.eval_seqlen, ppl_limit=a.ppl_limit, tasks=tuple(a.tasks),
+                     limit=a.limit, num_fewshot=a.num_fewshot, task_batch_size=a.task_batch_size,
+                     fidelity=a.fidelity)
+    rep = quantize(a.model, cfg, a.out, device=a.device, evals=evals, skip_eval=a.skip_eval, overwrite=a.overwrite, data_dir=a.data_dir,
                    trust_remote_code=a.trust_remote_code)
     if a.verbose:
         print(module_table(rep["modules"]))
     print(f"model {rep['model']['name']} ({rep['model']['architecture']}, {rep['model']['params']:,} params)")
     print(format_table(rep))
+    fid = rep["metrics"].get("fidelity")
+    if fid:
+        print(f"routing fidelity: top-k set {fid['mean_topk_set_agreement']:.4f}, top-1 {fid['mean_top1_agreement']:.4f}; "
+              f"KL(FP||quantized) {fid['kl_fp_to_quantized']:.5f} nats/token")
     if rep["fallbacks"]:
         print(f"{len(rep['fallbacks'])} linears used the {cfg.fallback} fallback (too few routed tokens); "
               "see report.json 'fallbacks'")
@@ -144,8 +191,13 @@ def cmd_quantize(a) -> int:
     return 0
 
 
+def _ppl_sets(ppl: tuple[str, ...]) -> tuple[str, ...]:
+    return () if tuple(ppl) in (("none",), ()) else tuple(ppl)
+
+
 def cmd_eval(a) -> int:
     from .evaluate.perplexity import evaluate_ppl
+    from .evaluate.report import format_tasks
     from .models.loading import load_model
     from .utils.device import fits_on_device, resolve_device
     from .utils.fs import write_atomic
@@ -154,9 +206,15 @@ def cmd_eval(a) -> int:
     loaded = load_model(a.model, device=device, trust_remote_code=a.trust_remote_code)
     if fits_on_device(loaded.model, device):
         loaded.model.to(device)
-    res = evaluate_ppl(loaded.model, loaded.tokenizer, a.ppl, a.seqlen, a.data_dir, limit=a.limit)
+    res = evaluate_ppl(loaded.model, loaded.tokenizer, _ppl_sets(a.ppl), a.seqlen, a.data_dir, limit=a.ppl_limit)
     for name, r in res.items():
         print(f"{name:<10} ppl {r['ppl']:.3f}  bpb {r['bpb']:.4f}  ({r['windows']} windows x {r['seqlen']} tokens)")
+    if a.tasks:
+        from .evaluate.lm_eval import run_tasks
+
+        res["tasks"] = run_tasks(loaded.model, loaded.tokenizer, list(a.tasks), a.limit, a.num_fewshot,
+                                 a.task_batch_size, a.data_dir)
+        print(format_tasks(res["tasks"]))
     if a.json:
         write_atomic(a.json, json.dumps(res, indent=2) + "\n")
     return 0
@@ -203,6 +261,23 @@ def cmd_calib(a) -> int:
     return 0
 
 
+def cmd_bench(a) -> int:
+    from .bench import Grid, run
+
+    if a.grid:
+        grid = Grid.from_yaml(a.grid)
+        if a.model:
+            grid.model = a.model
+    else:
+        grid = Grid(model=a.model, methods=list(a.methods), bits=[int(b) for b in a.bits], group_size=a.group_size,
+                    calib=list(a.calib), nsamples=a.nsamples, seqlen=a.seqlen, ppl=list(a.ppl),
+                    ppl_limit=a.ppl_limit, tasks=list(a.tasks), limit=a.limit)
+    run(grid, a.out, a.data_dir)
+    print((Path(a.out) / "results.md").read_text())
+    print(f"results.json, results.csv, results.md and plots in {a.out}")
+    return 0
+
+
 def cmd_models(a) -> int:
     from .models.bundled import bundled_names, describe
 
@@ -228,7 +303,8 @@ def main(argv: list[str] | None = None) -> int:
     a = ap.parse_args(argv)
     setup_logging(getattr(a, "verbose", False))
     try:
-        return {"quantize": cmd_quantize, "eval": cmd_eval, "calib": cmd_calib, "models": cmd_models}[a.cmd](a)
+        return {"quantize": cmd_quantize, "eval": cmd_eval, "calib": cmd_calib, "bench": cmd_bench,
+                "models": cmd_models}[a.cmd](a)
     except (ValueError, DataNotFoundError, CheckpointError, UnsupportedArchitectureError, OutputExistsError) as e:
         print(f"moeq {a.cmd}: error: {e}", file=sys.stderr)
         return 2

@@ -37,10 +37,34 @@ def check_plan(adapter: ModelAdapter, cfg: QuantConfig) -> None:
             args.check_width(adapter.module(li.name).in_features, li.name)
 
 
+@dataclass(frozen=True)
+class EvalSpec:
+    """What to measure before and after quantization."""
+
+    ppl: tuple[str, ...] = ("wikitext2",)
+    seqlen: int | None = None  # None: min(2048, context)
+    ppl_limit: int | None = None  # first N windows only (quick checks)
+    tasks: tuple[str, ...] = ()  # lm-evaluation-harness tasks, offline
+    limit: int | None = None  # first N examples per task
+    num_fewshot: dict | None = None
+    task_batch_size: int = 8
+    fidelity: bool = False  # routing fidelity + KL against the FP model (keeps an FP copy)
+
+
+def evaluate(model, tokenizer, ev: EvalSpec, data_dir=None, windows: dict | None = None, label: str = "") -> dict:
+    """Perplexities and task metrics of one model: {"wikitext2": {...}, ..., "tasks": {...}}."""
+    out = evaluate_ppl(model, tokenizer, ev.ppl, ev.seqlen, data_dir, windows, label=label, limit=ev.ppl_limit)
+    if ev.tasks:
+        from .evaluate.lm_eval import run_tasks
+
+        out["tasks"] = run_tasks(model, tokenizer, list(ev.tasks), ev.limit, ev.num_fewshot, ev.task_batch_size,
+                                 data_dir)
+    return out
+
+
 def quantize(model: str | None, cfg: QuantConfig, out: str | Path | None, *, device: str = "auto",
-             ppl: tuple[str, ...] = ("wikitext2",), eval_seqlen: int | None = None, skip_eval: bool = False,
-             eval_limit: int | None = None,
-             overwrite: bool = False, data_dir=None, trust_remote_code: bool = False, return_model: bool = False):
+             evals: EvalSpec = EvalSpec(), skip_eval: bool = False, overwrite: bool = False, data_dir=None,
+             trust_remote_code: bool = False, return_model: bool = False):
     """Quantize ``model`` with ``cfg``; write the checkpoint and report.json to ``out``.
 
     Returns the report, or (report, in-memory quantized model) with ``return_model``."""
@@ -64,9 +88,10 @@ def quantize(model: str | None, cfg: QuantConfig, out: str | Path | None, *, dev
     metrics, windows = {}, {}
     if not skip_eval:
         t = time.perf_counter()
-        metrics["fp"] = evaluate_ppl(m, tok, ppl, eval_seqlen, data_dir, windows, label="FP", limit=eval_limit)
+        metrics["fp"] = evaluate(m, tok, evals, data_dir, windows, label="FP")
         secs["evaluate"] += time.perf_counter() - t
 
+    fp_copy = copy.deepcopy(m) if evals.fidelity and not skip_eval else None
     q = quantize_loaded(loaded, cfg, data_dir, device, copy_model=False)
     calib, loop = q.calib, q.loop
     secs["calibration"], secs["quantize"] = q.seconds["calibration"], q.seconds["quantize"]
@@ -104,8 +129,13 @@ def quantize(model: str | None, cfg: QuantConfig, out: str | Path | None, *, dev
         secs["export"] = time.perf_counter() - t
         if not skip_eval:
             t = time.perf_counter()
-            metrics["quantized"] = evaluate_ppl(m, tok, ppl, eval_seqlen, data_dir, windows,
-                                                label=cfg.plan.default.label(), limit=eval_limit)
+            metrics["quantized"] = evaluate(m, tok, evals, data_dir, windows, label=cfg.plan.default.label())
+            if fp_copy is not None:
+                from .evaluate.fidelity import compare
+                from .evaluate.perplexity import wikitext2_windows
+
+                w = wikitext2_windows(tok, default_seqlen(m, evals.seqlen), data_dir).ids[: evals.ppl_limit or 64]
+                metrics["fidelity"] = compare(fp_copy, m, w)
             secs["evaluate"] += time.perf_counter() - t
         secs["total"] = time.perf_counter() - t_start
         report["seconds"] = {k: round(v, 3) for k, v in secs.items()}

@@ -44,10 +44,34 @@ def format_table(report: dict) -> str:
             fb = f"{b:16.3f}" if b is not None else f"{'-':>16}"
             d = f"{b - a:+9.3f}" if a is not None and b is not None else f"{'':>9}"
             lines.append(f"{n:<10} {key:<5} {fa} {fb} {d}")
+    tf, tq = fp.get("tasks", {}), q.get("tasks", {})
+    for t in sorted(set(tf) | set(tq)):
+        key = _task_metric(tq.get(t) or tf.get(t))
+        a, b = tf.get(t, {}).get(key), tq.get(t, {}).get(key)
+        fa = f"{a:10.4f}" if a is not None else f"{'-':>10}"
+        fb = f"{b:16.4f}" if b is not None else f"{'-':>16}"
+        d = f"{b - a:+9.4f}" if a is not None and b is not None else f"{'':>9}"
+        lines.append(f"{t[:10]:<10} {key[:5]:<5} {fa} {fb} {d}")
     ab = report.get("avg_bits")
     if ab is not None:
         lines.append(f"avg bits {ab:.3f} (with scales {report['avg_bits_with_overhead']:.3f}); "
                      f"time {report['seconds']['total']:.1f}s")
+    return "\n".join(lines)
+
+
+def _task_metric(res: dict) -> str:
+    """The headline metric of a task result: acc_norm where reported, else acc, exact_match, pass@1."""
+    for k in ("acc_norm", "acc", "exact_match", "pass@1"):
+        if k in res:
+            return k
+    return next(iter(k for k in res if not k.endswith("_stderr")), "acc")
+
+
+def format_tasks(tasks: dict) -> str:
+    lines = [f"{'task':<14} {'metric':<12} {'value':>8} {'n':>6}"]
+    for t, res in tasks.items():
+        k = _task_metric(res)
+        lines.append(f"{t:<14} {k:<12} {res[k]:8.4f} {int(res.get('n_samples', 0)):>6}")
     return "\n".join(lines)
 
 

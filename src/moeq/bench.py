@@ -1,0 +1,214 @@
+"""``moeq bench``: a grid of quantization runs on one model, cached per cell, rendered as paper tables.
+
+The grid is methods x bit widths x calibration sets (plus the FP row). Each cell's configuration is
+hashed; its result is written to ``OUT/cells/<hash>.json`` as soon as it finishes, and a rerun skips
+cells already there, so an interrupted bench resumes. At the end ``results.json``, ``results.md`` (the
+layout of the MoEQuant paper's main table: WikiText-2 PPL, C4 PPL, each task, average accuracy),
+``results.csv`` and plots (one bar chart per metric, perplexity vs bits) are written.
+Every cell records wall time per stage (calibration incl. EBSS generation, quantization, evaluation)
+and the peak resident memory sampled while it ran.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import json
+import threading
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from .config import BitPlan, CalibSpec, GPTQKnobs, QuantConfig
+from .models.loading import load_model
+from .pipeline import EvalSpec, evaluate, quantize_loaded
+from .quant.primitives import QuantArgs
+from .utils.fs import write_atomic
+from .utils.progress import log
+
+# presets of the methods moeq knows: (solver method, calibration override, agq, mse_clip)
+PRESETS = {
+    "rtn": ("rtn", None, False, False),
+    "gptq": ("gptq", None, False, False),
+    "gptq-agq": ("gptq", None, True, False),
+    "moequant": ("moequant", "ebss", True, True),
+}
+
+
+@dataclass
+class Grid:
+    model: str | None = None
+    methods: list[str] = field(default_factory=lambda: ["rtn", "gptq", "moequant"])
+    bits: list[int] = field(default_factory=lambda: [4, 3])
+    group_size: int = 128
+    calib: list[str] = field(default_factory=lambda: ["wikitext2"])
+    nsamples: int = 128
+    seqlen: int | None = None
+    seed: int = 0
+    ppl: list[str] = field(default_factory=lambda: ["wikitext2", "c4"])
+    ppl_limit: int | None = None
+    tasks: list[str] = field(default_factory=list)
+    limit: int | None = None
+
+    def __post_init__(self):
+        unknown = [m for m in self.methods if m not in PRESETS]
+        if unknown:
+            raise ValueError(f"unknown bench method(s) {unknown}; choose from {', '.join(PRESETS)}")
+        for b in self.bits:
+            QuantArgs(b, self.group_size)  # validates
+
+    @classmethod
+    def from_yaml(cls, path) -> "Grid":
+        import yaml
+
+        data = yaml.safe_load(Path(path).read_text()) or {}
+        unknown = set(data) - set(cls.__dataclass_fields__)
+        if unknown:
+            raise ValueError(f"{path}: unknown grid keys {sorted(unknown)}; allowed: {sorted(cls.__dataclass_fields__)}")
+        return cls(**data)
+
+    def cells(self) -> list[dict]:
+        out = [{"method": "fp", "bits": 16, "calib": None}]
+        for method in self.methods:
+            for bits in self.bits:
+                cals = [PRESETS[method][1]] if PRESETS[method][1] else (self.calib if method != "rtn" else [None])
+                out += [{"method": method, "bits": bits, "calib": c} for c in cals]
+        return out
+
+
+def _quant_config(grid: Grid, cell: dict) -> QuantConfig:
+    solver, _, agq, mse = PRESETS[cell["method"]]
+    return QuantConfig(method=solver, plan=BitPlan(default=QuantArgs(cell["bits"], grid.group_size, True)),
+                       calib=CalibSpec(cell["calib"] or "wikitext2", grid.nsamples, grid.seqlen, grid.seed),
+                       gptq=GPTQKnobs(mse_clip=mse), agq=agq, mse_clip=mse)
+
+
+def cell_key(grid: Grid, cell: dict) -> str:
+    cfg = {k: v for k, v in asdict(grid).items() if k not in ("methods", "bits", "calib")}
+    blob = json.dumps({"grid": cfg, "cell": cell}, sort_keys=True)
+    return hashlib.sha1(blob.encode()).hexdigest()[:16]
+
+
+class PeakRSS:
+    """Samples this process's resident memory in a background thread (Linux /proc; else getrusage)."""
+
+    def __init__(self, period: float = 0.2):
+        self.period, self.peak, self._stop = period, 0.0, threading.Event()
+
+    @staticmethod
+    def current_mb() -> float:
+        try:
+            with open("/proc/self/statm") as f:
+                import os
+
+                return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+        except OSError:
+            import resource
+
+            return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+    def _run(self):
+        while not self._stop.is_set():
+            self.peak = max(self.peak, self.current_mb())
+            self._stop.wait(self.period)
+
+    def __enter__(self):
+        self._t = threading.Thread(target=self._run, daemon=True)
+        self._t.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._t.join()
+        self.peak = max(self.peak, self.current_mb())
+
+
+def run_cell(loaded, grid: Grid, cell: dict, ev: EvalSpec, windows: dict, data_dir=None) -> dict:
+    secs = {"calibration": 0.0, "quantize": 0.0, "evaluate": 0.0}
+    with PeakRSS() as mem:
+        model, avg = loaded.model, 16.0
+        if cell["method"] != "fp":
+            q = quantize_loaded(loaded, _quant_config(grid, cell), data_dir)
+            model, secs["calibration"], secs["quantize"] = q.model, q.seconds["calibration"], q.seconds["quantize"]
+            rows = list(q.loop.rows.values())
+            avg = sum(r["bits"] * r["params"] for r in rows) / max(1, sum(r["params"] for r in rows))
+        t = time.perf_counter()
+        metrics = evaluate(model, loaded.tokenizer, ev, data_dir, windows)
+        secs["evaluate"] = time.perf_counter() - t
+    return {**cell, "avg_bits": avg, "metrics": metrics, "seconds": secs, "peak_rss_mb": round(mem.peak, 1)}
+
+
+def run(grid: Grid, out: str | Path, data_dir=None) -> list[dict]:
+    out = Path(out)
+    (out / "cells").mkdir(parents=True, exist_ok=True)
+    write_atomic(out / "grid.json", json.dumps(asdict(grid), indent=2) + "\n")
+    ev = EvalSpec(ppl=tuple(grid.ppl), seqlen=grid.seqlen, ppl_limit=grid.ppl_limit, tasks=tuple(grid.tasks),
+                  limit=grid.limit)
+    loaded, windows, results = None, {}, []
+    for cell in grid.cells():
+        path = out / "cells" / f"{cell_key(grid, cell)}.json"
+        if path.is_file():
+            results.append(json.loads(path.read_text()))
+            log.info("cached  %s", _label(cell))
+            continue
+        if loaded is None:
+            loaded = load_model(grid.model)
+        log.info("running %s", _label(cell))
+        res = run_cell(loaded, grid, cell, ev, windows, data_dir)
+        write_atomic(path, json.dumps(res, indent=2) + "\n")
+        results.append(res)
+    write_outputs(results, grid, out)
+    return results
+
+
+def _label(cell: dict) -> str:
+    return "FP" if cell["method"] == "fp" else f"{cell['method']} W{cell['bits']}" + (
+        f" ({cell['calib']})" if cell["calib"] else "")
+
+
+def _columns(results: list[dict], grid: Grid) -> list[tuple[str, str, str]]:
+    """(header, path kind, key): ppl sets, then one headline metric per task."""
+    from .evaluate.report import _task_metric
+
+    cols = [(f"{p} PPL", "ppl", p) for p in grid.ppl]
+    for t in grid.tasks:
+        sample = next((r["metrics"]["tasks"][t] for r in results if t in r["metrics"].get("tasks", {})), {})
+        cols.append((f"{t} {_task_metric(sample)}", "task", t))
+    return cols
+
+
+def _value(r: dict, kind: str, key: str):
+    from .evaluate.report import _task_metric
+
+    if kind == "ppl":
+        return r["metrics"].get(key, {}).get("ppl")
+    res = r["metrics"].get("tasks", {}).get(key)
+    return res[_task_metric(res)] if res else None
+
+
+def write_outputs(results: list[dict], grid: Grid, out: Path) -> None:
+    cols = _columns(results, grid)
+    rows = []
+    for r in results:
+        vals = [_value(r, kind, key) for _, kind, key in cols]
+        accs = [v for (h, kind, _), v in zip(cols, vals) if kind == "task" and v is not None]
+        rows.append([_label(r), r["bits"], round(r["avg_bits"], 3)] + vals +
+                    [sum(accs) / len(accs) if accs else None, round(sum(r["seconds"].values()), 1), r["peak_rss_mb"]])
+    header = ["method", "bits", "avg bits"] + [h for h, _, _ in cols] + ["avg acc", "seconds", "peak RSS MiB"]
+    kinds = ["label", "int", "bits"] + [k for _, k, _ in cols] + ["task", "secs", "secs"]
+    spec = {"ppl": "{:.3f}", "task": "{:.4f}", "bits": "{:.3f}", "secs": "{:.1f}", "int": "{}", "label": "{}"}
+    fmt = lambda v, k: "-" if v is None else spec[k].format(v)
+    md = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    md += ["| " + " | ".join(fmt(v, k) for v, k in zip(row, kinds)) + " |" for row in rows]
+    stages = ["", "| method | calibration s | quantize s | evaluate s | peak RSS MiB |", "|---|---|---|---|---|"]
+    stages += [f"| {_label(r)} | {r['seconds']['calibration']:.1f} | {r['seconds']['quantize']:.1f} | "
+               f"{r['seconds']['evaluate']:.1f} | {r['peak_rss_mb']:.0f} |" for r in results]
+    write_atomic(out / "results.md", "\n".join(md + stages) + "\n")
+    buf = io.StringIO()
+    csv.writer(buf).writerows([header] + rows)
+    write_atomic(out / "results.csv", buf.getvalue())
+    write_atomic(out / "results.json", json.dumps({"grid": asdict(grid), "cells": results}, indent=2) + "\n")
+    from .evaluate.plots import bench_plots
+
+    bench_plots(results, cols, out, _label, _value)
