@@ -64,19 +64,20 @@ class ExpertSet(nn.ModuleList):
     def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor):
         # hidden_states (N, H); top_k_index (N, k) long; top_k_weights (N, k)
         N, k = top_k_index.shape
-        out = torch.zeros_like(hidden_states)  # (N, H)
-        flat = top_k_index.reshape(-1)  # (N*k,)
+        flat = top_k_index.reshape(-1)  # (N*k,) slot s = token * k + j
         order = torch.argsort(flat, stable=True)  # slots grouped by expert, token order kept
         counts = torch.bincount(flat, minlength=len(self)).tolist()
-        tok_all, slot_all = order // k, order % k  # (N*k,)
+        tok_all = order // k  # (N*k,)
+        w_all = top_k_weights.reshape(-1)[order]  # (N*k,) combine weight of each sorted slot
+        ys = hidden_states.new_zeros(N * k, hidden_states.shape[-1])  # weighted outputs, sorted slot order
         start = 0
         for e, expert in enumerate(self):
             n = counts[e] if e < len(counts) else 0
-            tok, slot = tok_all[start:start + n], slot_all[start:start + n]  # (n,)
+            sl = slice(start, start + n)
+            tok, w = tok_all[sl], w_all[sl]  # (n,)
             start += n
             if n == 0 and not self.coverage_all:
                 continue
-            w = top_k_weights[tok, slot]  # (n,)
             if self.coverage_all:
                 # statistics see every token; only routed rows are combined
                 full_w = torch.zeros(N, dtype=w.dtype, device=w.device)
@@ -89,8 +90,10 @@ class ExpertSet(nn.ModuleList):
                 expert.moeq_routing = RoutedCall(tok, w, torch.ones_like(tok, dtype=torch.bool))
                 y = expert(hidden_states[tok])  # (n, H)
             expert.moeq_routing = None
-            out.index_add_(0, tok, (y * w[:, None]).to(out.dtype))
-        return out
+            ys[sl] = y * w[:, None].to(y.dtype)
+        out = torch.zeros_like(hidden_states)  # (N, H)
+        # one scatter-add for the whole layer; each token's k terms arrive in expert order, as in HF
+        return out.index_add_(0, tok_all, ys.to(out.dtype))
 
 
 def unfuse_fused_experts(fused: nn.Module, names=("gate_proj", "up_proj", "down_proj")) -> ExpertSet:
