@@ -63,8 +63,10 @@ def _merge_alternatives(patterns: list[str]) -> set[str]:
             for head, tails in groups.items()}
 
 
-def quantization_config(adapter: ModelAdapter, results: dict[str, QuantResult]) -> dict:
-    """The ``quantization_config`` dict for config.json (compressed-tensors schema)."""
+def quantization_config(adapter: ModelAdapter, results: dict[str, QuantResult], act=None) -> dict:
+    """The ``quantization_config`` dict for config.json (compressed-tensors schema); ``act``
+    (:class:`moeq.quant.act.ActQuantArgs`) adds the dynamic per-token ``input_activations`` scheme."""
+    act_args = act.compressed_tensors_args() if act is not None else None
     from compressed_tensors import __version__ as ct_version
     from compressed_tensors.quantization import QuantizationArgs, QuantizationConfig, QuantizationScheme
 
@@ -80,6 +82,7 @@ def quantization_config(adapter: ModelAdapter, results: dict[str, QuantResult]) 
             weights=QuantizationArgs(num_bits=args.num_bits, type="int", symmetric=args.symmetric,
                                      strategy=args.strategy,
                                      group_size=None if args.group_size == -1 else args.group_size),
+            input_activations=QuantizationArgs(**act_args) if act_args else None,
         )
     ignore = [adapter.checkpoint_name(n) for n in adapter.full_precision_modules()]
     unquantized = [adapter.checkpoint_name(li.name) for li in adapter.linears() if li.name not in results]
@@ -116,14 +119,14 @@ def _state_dict(adapter: ModelAdapter, results: dict[str, QuantResult], dtype: t
             continue
         if tied and key == f"{adapter.spec.lm_head}.weight":
             continue
-        sd[adapter.checkpoint_name(key)] = t.detach().to(dtype if t.is_floating_point() else t.dtype).contiguous()
+        sd[adapter.checkpoint_name(key)] = t.detach().to("cpu", dtype if t.is_floating_point() else t.dtype).contiguous()
     for name, r in results.items():
         sd.update(packed_tensors(adapter.checkpoint_name(name), r, dtype))
     return sd
 
 
 def save_checkpoint(adapter: ModelAdapter, results: dict[str, QuantResult], out_dir: str | Path,
-                    dtype: torch.dtype, tokenizer=None) -> dict:
+                    dtype: torch.dtype, tokenizer=None, act=None) -> dict:
     """Write config.json (+quantization_config), safetensors shards, tokenizer. -> {"bytes": .., "files": [..]}."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -153,7 +156,7 @@ def save_checkpoint(adapter: ModelAdapter, results: dict[str, QuantResult], out_
     cfg = adapter.model.config.to_dict()
     cfg["dtype"] = str(dtype).replace("torch.", "")
     cfg.pop("torch_dtype", None)
-    cfg["quantization_config"] = quantization_config(adapter, results)
+    cfg["quantization_config"] = quantization_config(adapter, results, act)
     (out / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
     gen = getattr(adapter.model, "generation_config", None)
     if gen is not None:

@@ -108,6 +108,9 @@ def unfuse_fused_experts(fused: nn.Module, names=("gate_proj", "up_proj", "down_
         getattr(ex, names[1]).weight.data = gate_up[e, inter:].clone()  # (I, H)
         getattr(ex, names[2]).weight.data = down[e].clone()  # (H, I)
         experts.append(ex)
+    # the per-expert copies now hold the weights: free the fused storage (refuse restacks them)
+    fused.gate_up_proj.data = gate_up.new_empty(0)
+    fused.down_proj.data = down.new_empty(0)
     return ExpertSet(experts, source=fused)
 
 
