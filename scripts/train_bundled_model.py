@@ -152,6 +152,12 @@ def build_model(arch: str, vocab_size: int, eos_id: int):
     return transformers.AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
 
 
+def transformers_auto():
+    import transformers
+
+    return transformers.AutoModelForCausalLM
+
+
 def balance_loss(router_logits, top_k: int) -> torch.Tensor:
     """Switch-style load-balancing loss E * sum_e f_e P_e computed *per layer* and averaged (1.0 when
     balanced). transformers' built-in aux loss pools all layers' logits together, which lets one layer
@@ -189,6 +195,8 @@ def main():
     ap.add_argument("--threads", type=int, default=0)
     ap.add_argument("--cache", default="/tmp/moeq_train_cache")
     ap.add_argument("--bf16", action="store_true", help="bf16 autocast for matmuls (CPU with AVX512-BF16)")
+    ap.add_argument("--init", default=None,
+                    help="continue training from this checkpoint dir (same arch and tokenizer) instead of random init")
     ap.add_argument("--balance-coef", type=float, default=0.02, help="per-layer load-balancing loss weight")
     args = ap.parse_args()
 
@@ -225,7 +233,13 @@ def main():
           f"{val_ids.numel():,} val tokens; prep {time.time() - t0:.0f}s", flush=True)
 
     eos_id = tok.convert_tokens_to_ids(SPECIAL)
-    model = build_model(args.arch, len(tok), eos_id)
+    if args.init:
+        model = transformers_auto().from_pretrained(args.init, dtype=torch.float32)
+        model.config.output_router_logits = True
+        model.config.router_aux_loss_coef = 0.0
+        assert model.config.model_type == args.arch, f"--init is a {model.config.model_type}, not {args.arch}"
+    else:
+        model = build_model(args.arch, len(tok), eos_id)
     n_params = sum(p.numel() for p in model.parameters())
     print(f"model {args.arch}: {n_params:,} parameters", flush=True)
 
@@ -251,7 +265,7 @@ def main():
     log = {"arch": args.arch, "params": n_params, "steps": args.steps, "batch": B, "seqlen": T, "lr": args.lr,
            "seed": args.seed, "threads": torch.get_num_threads(), "train_tokens_available": train_ids.numel(),
            "bf16": args.bf16, "tokenizer": args.tokenizer or "trained by this run",
-           "balance_coef": args.balance_coef, "warmup": args.warmup,
+           "balance_coef": args.balance_coef, "warmup": args.warmup, "init": args.init or "random",
            "curve": []}
     model.train()
     t_train = time.time()

@@ -32,11 +32,13 @@ def test_quantize_prints_fp_and_quantized_ppl_and_writes_report(tiny_ckpt, tmp_p
     assert 0 < fid["mean_topk_set_agreement"] <= 1 and fid["kl_fp_to_quantized"] > 0
     # the exported checkpoint evaluates to the in-memory quantized perplexity
     code, out, err = run(capsys, "eval", tmp_path / "o", "--seqlen", "128", "--ppl-limit", "40", "--tasks", "piqa",
-                         "--limit", "3", "--json", tmp_path / "e.json")
+                         "--limit", "3", "--balance", "--against", d, "--json", tmp_path / "e.json")
     assert code == 0, err
     res = json.loads((tmp_path / "e.json").read_text())
     assert res["wikitext2"]["ppl"] == pytest.approx(q["ppl"], rel=1e-4)
     assert res["tasks"]["piqa"]["acc_norm"] == pytest.approx(rep["metrics"]["quantized"]["tasks"]["piqa"]["acc_norm"])
+    assert 0 <= res["expert_balance"]["balance_std"] < 1 and set(res["expert_balance"]["layers"]) == {"0", "1"}
+    assert 0 < res["fidelity"]["mean_top1_agreement"] <= 1
 
 
 def test_existing_output_is_never_overwritten_without_flag(tiny_ckpt, tmp_path, capsys):

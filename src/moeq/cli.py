@@ -12,7 +12,8 @@ import json
 import sys
 from pathlib import Path
 
-from .config import COVERAGE, FALLBACKS, METHODS, BitPlan, CalibSpec, GPTQKnobs, QuantConfig
+from .config import COVERAGE, FALLBACKS, METHODS, AWQKnobs, BitPlan, CalibSpec, GPTQKnobs, LWCKnobs, QuantConfig
+from .quant.act import ActQuantArgs
 from .quant.primitives import QuantArgs
 
 
@@ -57,6 +58,8 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--method", choices=METHODS, default="gptq")
     q.add_argument("--bits", type=int, default=4, help="weight bits, 2..8 (default 4)")
     q.add_argument("--group-size", type=int, default=128, help="-1 = per channel, or e.g. 32/64/128 (default 128)")
+    q.add_argument("--plan", default=None,
+                   help="bit plan file (.yaml/.json from `moeq plan`): per-module widths; replaces --bits/--group-size")
     sym = q.add_mutually_exclusive_group()
     sym.add_argument("--sym", dest="sym", action="store_true", default=True, help="symmetric grid (default)")
     sym.add_argument("--asym", dest="sym", action="store_false", help="asymmetric grid with zero points")
@@ -76,7 +79,22 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--damp", type=float, default=0.01, help="GPTQ relative damping (default 0.01)")
     q.add_argument("--blocksize", type=int, default=128, help="GPTQ lazy-update block size")
     q.add_argument("--mse-clip", action=argparse.BooleanOptionalAction, default=None,
-                   help="MSE clip search for scales, RTN and GPTQ (default: on for moequant, as in its code)")
+                   help="MSE clip search for scales, RTN and GPTQ (default: on for moequant, quarot-gptq, moequant++)")
+    q.add_argument("--rotate", action=argparse.BooleanOptionalAction, default=None,
+                   help="QuaRot: fuse norms, rotate the residual stream by a random Hadamard before quantizing "
+                        "(default: on for quarot-gptq and moequant++)")
+    q.add_argument("--rotation-seed", type=int, default=0, help="seed of the random Hadamard signs")
+    q.add_argument("--act-bits", type=int, default=None,
+                   help="also fake-quantize every quantized linear's input per token (W*A*, e.g. 4); evaluation only "
+                        "unless --no-online-hadamard")
+    q.add_argument("--act-clip", type=float, default=1.0, help="per-token activation range ratio (QuaRot: 0.9)")
+    q.add_argument("--online-hadamard", action=argparse.BooleanOptionalAction, default=True,
+                   help="with --act-bits: online Hadamard before every down projection (default on)")
+    q.add_argument("--awq-grid", type=int, default=20, help="AWQ scale-exponent grid points (default 20)")
+    q.add_argument("--awq-clip", action=argparse.BooleanOptionalAction, default=True,
+                   help="AWQ output-aware clip search after the scales (default on)")
+    q.add_argument("--lwc-epochs", type=int, default=2, help="omniquant: LWC epochs per block (default 2; paper 20)")
+    q.add_argument("--lwc-lr", type=float, default=5e-2, help="omniquant: LWC learning rate (default 5e-2)")
     q.add_argument("--expert-coverage", choices=COVERAGE, default="routed",
                    help="routed: expert statistics from routed tokens only; all: every token through every "
                         "expert for statistics (outputs still combine routed experts only)")
@@ -99,6 +117,10 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--seqlen", type=int, default=None, help="window length (default: min(2048, context))")
     e.add_argument("--ppl-limit", type=int, default=None, help="only the first N windows of each set (quick checks)")
     _add_task_flags(e)
+    e.add_argument("--balance", action="store_true",
+                   help="expert-balance std and per-layer expert usage on the WikiText-2 test windows")
+    e.add_argument("--against", default=None, metavar="FP_MODEL",
+                   help="routing fidelity and KL(FP||this) against this full-precision model")
     e.add_argument("--json", default=None, help="write the results to this file")
     _add_common(e)
 
@@ -140,35 +162,57 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--limit", type=int, default=None, help="first N examples per task")
     _add_common(b)
 
+    from .allocate.commands import add_parsers as add_allocate_parsers
+
+    add_allocate_parsers(sub, _add_common)  # moeq profile, moeq plan
+
     m = sub.add_parser("models", help="list the bundled models")
     m.add_argument("--json", action="store_true")
     return ap
 
 
-def resolve_method_defaults(a) -> None:
-    """Method presets: moequant = EBSS calibration + AGQ (with gate_proj) + MSE-clipped GPTQ, the
-    paper's code defaults; explicit flags always win."""
-    moequant = a.method == "moequant"
-    if a.calib is None:
-        a.calib = "ebss" if moequant else "wikitext2"
-    if a.agq is None:
-        a.agq = moequant
-    if a.mse_clip is None:
-        a.mse_clip = moequant
+def resolve_method_defaults(a, dense: bool = False) -> None:
+    """Method presets (``moeq.methods.PRESETS``), e.g. moequant = EBSS calibration + AGQ (with gate_proj) +
+    MSE-clipped GPTQ, moequant++ = that plus rotation; explicit flags always win. A dense model has no
+    experts to balance: its EBSS preset falls back to wikitext2 (an explicit --calib ebss still fails)."""
+    from .methods import PRESETS
+
+    preset = PRESETS[a.method]
+    for key in ("calib", "agq", "mse_clip", "rotate"):
+        if getattr(a, key, None) is None:
+            setattr(a, key, preset[key])
+            if key == "calib" and dense and preset[key] == "ebss":
+                a.calib = "wikitext2"
+                print(f"moeq quantize: {a.method}: the model has no MoE layers, so EBSS does not apply; "
+                      "calibrating on wikitext2", file=sys.stderr)
+
+
+def _is_dense(model: str | None, trust_remote_code: bool) -> bool:
+    """True when the registry spec of ``model`` has no MoE part (unreadable models: False, they fail later)."""
+    from .models.loading import load_config, resolve_model
+    from .models.registry import get_spec
+
+    try:
+        return get_spec(load_config(resolve_model(model), trust_remote_code).model_type).moe is None
+    except Exception:
+        return False
 
 
 def cmd_quantize(a) -> int:
     from .evaluate.report import format_table, module_table
     from .pipeline import EvalSpec, quantize
 
-    resolve_method_defaults(a)
+    resolve_method_defaults(a, dense=_is_dense(a.model, a.trust_remote_code))
     cfg = QuantConfig(
         method=a.method,
-        plan=BitPlan(default=QuantArgs(a.bits, a.group_size, a.sym)),
+        plan=_load_plan(a.plan) if a.plan else BitPlan(default=QuantArgs(a.bits, a.group_size, a.sym)),
         calib=CalibSpec(a.calib, a.nsamples, a.seqlen, a.seed, a.ebss_width, a.ebss_tau),
         gptq=GPTQKnobs(a.blocksize, a.damp, a.act_order, a.mse_clip),
         expert_coverage=a.expert_coverage, min_tokens=a.min_tokens, fallback=a.fallback,
-        mse_clip=a.mse_clip, batch_size=a.batch_size, agq=a.agq, agq_gate_proj=a.agq_gate_proj)
+        mse_clip=a.mse_clip, batch_size=a.batch_size, agq=a.agq, agq_gate_proj=a.agq_gate_proj,
+        awq=AWQKnobs(grid=a.awq_grid, clip=a.awq_clip), lwc=LWCKnobs(epochs=a.lwc_epochs, lr=a.lwc_lr),
+        rotate=a.rotate, rotate_seed=a.rotation_seed, online_hadamard=a.online_hadamard,
+        act=ActQuantArgs(a.act_bits, a.act_clip) if a.act_bits else None)
     evals = EvalSpec(ppl=_ppl_sets(a.ppl), seqlen=a.eval_seqlen, ppl_limit=a.ppl_limit, tasks=tuple(a.tasks),
                      limit=a.limit, num_fewshot=a.num_fewshot, task_batch_size=a.task_batch_size,
                      fidelity=a.fidelity)
@@ -215,6 +259,24 @@ def cmd_eval(a) -> int:
         res["tasks"] = run_tasks(loaded.model, loaded.tokenizer, list(a.tasks), a.limit, a.num_fewshot,
                                  a.task_batch_size, a.data_dir)
         print(format_tasks(res["tasks"]))
+    if a.balance or a.against:
+        from .evaluate.perplexity import default_seqlen, wikitext2_windows
+
+        w = wikitext2_windows(loaded.tokenizer, default_seqlen(loaded.model, a.seqlen), a.data_dir).ids
+        w = w[: a.ppl_limit] if a.ppl_limit else w
+    if a.balance:
+        from .evaluate.routing import expert_usage, usage_summary
+
+        res["expert_balance"] = usage_summary(expert_usage(loaded.model, w))
+        print(f"expert-balance std on WikiText-2 test: {res['expert_balance']['balance_std']:.4f}")
+    if a.against:
+        from .evaluate.fidelity import compare
+
+        fp = load_model(a.against, device=device, trust_remote_code=a.trust_remote_code)
+        res["fidelity"] = compare(fp.model, loaded.model, w[:64])
+        f = res["fidelity"]
+        print(f"routing fidelity vs {a.against}: top-k set {f['mean_topk_set_agreement']:.4f}, top-1 "
+              f"{f['mean_top1_agreement']:.4f}; KL(FP||this) {f['kl_fp_to_quantized']:.5f} nats/token")
     if a.json:
         write_atomic(a.json, json.dumps(res, indent=2) + "\n")
     return 0
@@ -278,6 +340,20 @@ def cmd_bench(a) -> int:
     return 0
 
 
+def _load_plan(path: str) -> BitPlan:
+    from .allocate.planfile import load_plan
+
+    return load_plan(path)
+
+
+def _allocate_cmd(name: str):
+    def run(a) -> int:
+        from .allocate import commands
+
+        return getattr(commands, name)(a)
+    return run
+
+
 def cmd_models(a) -> int:
     from .models.bundled import bundled_names, describe
 
@@ -304,7 +380,8 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging(getattr(a, "verbose", False))
     try:
         return {"quantize": cmd_quantize, "eval": cmd_eval, "calib": cmd_calib, "bench": cmd_bench,
-                "models": cmd_models}[a.cmd](a)
+                "models": cmd_models, "plan": _allocate_cmd("cmd_plan"),
+                "profile": _allocate_cmd("cmd_profile")}[a.cmd](a)
     except (ValueError, DataNotFoundError, CheckpointError, UnsupportedArchitectureError, OutputExistsError) as e:
         print(f"moeq {a.cmd}: error: {e}", file=sys.stderr)
         return 2

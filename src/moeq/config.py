@@ -9,9 +9,13 @@ from __future__ import annotations
 import re
 from dataclasses import asdict, dataclass, field
 
+from .quant.act import ActQuantArgs
 from .quant.primitives import QuantArgs
 
-METHODS = ("rtn", "gptq", "moequant")  # moequant = EBSS calibration + AGQ + GPTQ
+# moequant = EBSS + AGQ + GPTQ; awq = AWQ scales + clip + RTN; omniquant = learnable weight clipping + RTN;
+# quarot-gptq = rotation + GPTQ; moequant+ = affinity-weighted AWQ + EBSS; moequant++ = rotation + AGQ-GPTQ + EBSS
+METHODS = ("rtn", "gptq", "moequant", "awq", "omniquant", "quarot-gptq", "moequant+", "moequant++")
+RTN_GRID_METHODS = ("rtn", "awq", "omniquant", "moequant+")  # searched clips/scales, then round to nearest
 COVERAGE = ("routed", "all")
 FALLBACKS = ("rtn", "avg-hessian")
 
@@ -48,6 +52,28 @@ class GPTQKnobs:
             raise ValueError(f"blocksize must be >= 1, got {self.blocksize}")
 
 
+@dataclass(frozen=True)
+class AWQKnobs:
+    grid: int = 20  # scale exponents alpha in {0, 1/grid, ...}
+    clip: bool = True  # AWQ's output-aware clip search after the scales
+    clip_grid: int = 20
+    clip_max_shrink: float = 0.5  # shrink factors 1, 0.95, ..., 0.55
+    clip_tokens: int = 512  # sampled input rows per linear for the clip search (llm-awq's n_sample_token)
+
+
+@dataclass(frozen=True)
+class LWCKnobs:
+    """OmniQuant learnable weight clipping; OmniQuant itself trains 20 epochs on a GPU."""
+
+    epochs: int = 2  # passes over the calibration set per block (CPU-friendly)
+    lr: float = 5e-2  # AdamW, no weight decay
+    init: float = 4.0  # clip logits: sigmoid(4) = 0.982 of the min-max range
+
+    def __post_init__(self):
+        if self.epochs < 0 or self.lr <= 0:
+            raise ValueError("--lwc-epochs must be >= 0 and --lwc-lr > 0")
+
+
 @dataclass
 class BitPlan:
     """Module name -> QuantArgs, with a default for modules the plan does not name.
@@ -68,6 +94,13 @@ class BitPlan:
                 return a
         return self.default
 
+    def label(self) -> str:
+        """The default grid's label (w4g128), or mixed(w2g128/w4g128/fp) when rules or overrides differ."""
+        schemes = {self.default} | {a for _, a in self.rules} | set(self.overrides.values())
+        if len(schemes) == 1:
+            return self.default.label()
+        return "mixed(" + "/".join(sorted(a.label() if a else "fp" for a in schemes)) + ")"
+
 
 @dataclass(frozen=True)
 class QuantConfig:
@@ -83,6 +116,12 @@ class QuantConfig:
     batched_solve: bool = True  # solve equal-shaped linears (a layer's experts) in one batched GPTQ call
     agq: bool = False  # affinity-guided Hessians: each routed row weighted by its combine coefficient c
     agq_gate_proj: bool = True  # also weight the experts' gate_proj (MoEQuant Eq. 17 approximation)
+    awq: AWQKnobs = field(default_factory=AWQKnobs)  # with agq, AWQ statistics and losses are affinity-weighted
+    lwc: LWCKnobs = field(default_factory=LWCKnobs)
+    rotate: bool = False  # QuaRot: fuse norms, rotate the residual stream by a random Hadamard
+    rotate_seed: int = 0
+    act: ActQuantArgs | None = None  # activation fake quantization of every quantized linear's input (W*A*)
+    online_hadamard: bool = True  # with act: online Hadamard before every down projection
 
     def __post_init__(self):
         if self.method not in METHODS:
@@ -100,8 +139,13 @@ class QuantConfig:
 
     @property
     def solver(self) -> str:
-        """The per-linear solver: RTN, or GPTQ for every calibrated method."""
-        return "rtn" if self.method == "rtn" else "gptq"
+        """The per-linear solver: RTN (after any AWQ/LWC search), or GPTQ."""
+        return "rtn" if self.method in RTN_GRID_METHODS else "gptq"
+
+    @property
+    def search(self) -> str | None:
+        """The block-wise search run before the solver: "awq", "lwc" or None."""
+        return {"awq": "awq", "moequant+": "awq", "omniquant": "lwc"}.get(self.method)
 
     def to_dict(self) -> dict:
         d = asdict(self)

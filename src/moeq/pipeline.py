@@ -18,6 +18,7 @@ from . import __version__
 from .calib.ebss import EBSSConfig, ebss_calibration
 from .calib.windows import CalibSet, calibration_windows
 from .capture.sequential import LoopResult, quantize_model
+from .methods import MethodRun, after_loop, before_loop, export_blocker
 from .config import QuantConfig
 from .evaluate.perplexity import default_seqlen, evaluate_ppl
 from .evaluate.report import SCHEMA_VERSION, bit_stats, dumps
@@ -30,11 +31,21 @@ from .utils.progress import log
 
 
 def check_plan(adapter: ModelAdapter, cfg: QuantConfig) -> None:
-    """Fail before any heavy work when a planned grid does not fit a linear."""
-    for li in adapter.linears():
+    """Fail before any heavy work when a planned grid does not fit a linear or the plan names modules
+    the model lacks; warn when fused serving kernels could not run the plan."""
+    from .allocate.modules import plan_warnings
+
+    linears = adapter.linears()
+    for li in linears:
         args = cfg.plan.args_for(li.name)
         if args is not None:
             args.check_width(adapter.module(li.name).in_features, li.name)
+    unknown = sorted(set(cfg.plan.overrides) - {li.name for li in linears})
+    if unknown:
+        raise ValueError(f"the plan names {len(unknown)} linears this model does not have (e.g. {unknown[0]}); "
+                         "was it made for another model? Rebuild it with `moeq plan MODEL`")
+    for msg in plan_warnings(cfg.plan, adapter) if cfg.plan.overrides or cfg.plan.rules else []:
+        log.warning(msg)
 
 
 @dataclass(frozen=True)
@@ -104,7 +115,7 @@ def quantize(model: str | None, cfg: QuantConfig, out: str | Path | None, *, dev
                   "architecture": type(m).__name__, "params": adapter.param_count(),
                   "num_experts": adapter.num_experts, "top_k": adapter.top_k},
         "method": cfg.method,
-        "quant_label": cfg.plan.default.label(),
+        "quant_label": cfg.plan.label(),
         "quant": cfg.to_dict(),
         "calibration": calib.describe() if calib is not None else None,
         **bit_stats(rows),
@@ -114,22 +125,26 @@ def quantize(model: str | None, cfg: QuantConfig, out: str | Path | None, *, dev
         "expert_tokens": {str(k): v for k, v in loop.expert_tokens.items()},
         "full_precision": adapter.full_precision_modules(),
         "metrics": metrics,
-        "notes": list(calib.notes) if calib is not None else [],
+        "notes": (list(calib.notes) if calib is not None else []) + q.method.notes,
+        "transforms": q.method.transforms.describe(),
         "device": device,
     }
 
     def finish(tmp: Path | None):
         t = time.perf_counter()
-        if tmp is not None:
+        if tmp is not None and q.method.transforms:
+            q.method.transforms.save(tmp / "transforms.safetensors")  # re-appliable search results
+        if tmp is not None and export_blocker(cfg) is None:
             adapter.unfuse()  # export reads the per-expert view
-            info = save_checkpoint(adapter, loop.results, tmp, loaded.storage_dtype, tok)
+            info = save_checkpoint(adapter, loop.results, tmp, loaded.storage_dtype, tok, act=cfg.act)
             report["size"] = {"checkpoint_bytes": info["bytes"], "bf16_bytes": bf16_size_bytes(adapter),
                               "files": info["files"]}
-            adapter.refuse()  # the model's own (fused) forward for evaluation
+            if not q.method.needs_expert_view:
+                adapter.refuse()  # the model's own (fused) forward for evaluation
         secs["export"] = time.perf_counter() - t
         if not skip_eval:
             t = time.perf_counter()
-            metrics["quantized"] = evaluate(m, tok, evals, data_dir, windows, label=cfg.plan.default.label())
+            metrics["quantized"] = evaluate(m, tok, evals, data_dir, windows, label=cfg.plan.label())
             if fp_copy is not None:
                 from .evaluate.fidelity import compare
                 from .evaluate.perplexity import wikitext2_windows
@@ -161,6 +176,7 @@ class Quantized:
     loop: LoopResult
     calib: CalibSet | None
     seconds: dict
+    method: MethodRun | None = None  # transforms artefact, hooks (W*A*), notes
 
 
 def quantize_loaded(loaded: Loaded, cfg: QuantConfig, data_dir=None, device: str = "cpu",
@@ -173,10 +189,14 @@ def quantize_loaded(loaded: Loaded, cfg: QuantConfig, data_dir=None, device: str
     t_cal = time.perf_counter() - t
     adapter.unfuse()
     t = time.perf_counter()
-    loop = quantize_model(adapter, cfg, calib.ids if calib is not None else None, device, loaded.storage_dtype)
+    run = before_loop(adapter, cfg, loaded.storage_dtype)  # rotation / online Hadamard / AWQ or LWC stage
+    loop = quantize_model(adapter, cfg, calib.ids if calib is not None else None, device, loaded.storage_dtype,
+                          block_stage=run.stage)
+    after_loop(adapter, cfg, run, list(loop.results), loaded.storage_dtype)
     t_q = time.perf_counter() - t
-    adapter.refuse()
-    return Quantized(m, adapter, loop, calib, {"calibration": t_cal, "quantize": t_q})
+    if not run.needs_expert_view:  # W*A* hooks sit on per-expert linears: keep that view
+        adapter.refuse()
+    return Quantized(m, adapter, loop, calib, {"calibration": t_cal, "quantize": t_q}, run)
 
 
 def make_calibration(model, tokenizer, model_path: str, cfg: QuantConfig, data_dir=None, device="cpu") -> CalibSet:

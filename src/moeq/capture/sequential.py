@@ -89,8 +89,10 @@ def row_weight_fn(parents: dict[str, torch.nn.Module], agq: bool, unweighted_pro
     return fn
 
 
-def _tasks_for_group(adapter, i, names, gs: GroupStats | None, cfg: QuantConfig, infos) -> list[Task]:
-    """Group members that share an input into row-stacked tasks."""
+def _tasks_for_group(adapter, i, names, gs: GroupStats | None, cfg: QuantConfig, infos, clips=None,
+                     tokens=None) -> list[Task]:
+    """Group members that share an input into row-stacked tasks (``clips``: searched (lo, hi) per linear)."""
+    clips, tokens = clips or {}, tokens or {}
     owners: dict[str, list[str]] = {}
     for rel in names:
         full = f"{adapter.block_name(i)}.{rel}"
@@ -112,8 +114,10 @@ def _tasks_for_group(adapter, i, names, gs: GroupStats | None, cfg: QuantConfig,
             info = infos[ms[0]]
             tasks.append(Task(
                 names=ms, W=torch.cat(Ws, 0).float(), H=st.mean() if st is not None else None, args=args,
-                tokens=st.routed if st is not None else 0, rows=st.rows if st is not None else 0,
-                expert=info.role == "expert", sizes=[W.shape[0] for W in Ws]))
+                tokens=st.routed if st is not None else tokens.get(ms[0], 0), rows=st.rows if st is not None else 0,
+                expert=info.role == "expert", sizes=[W.shape[0] for W in Ws],
+                clip=tuple(torch.cat([clips[m][j] for m in ms]) for j in (0, 1)) if all(m in clips for m in ms)
+                else None))
     return tasks
 
 
@@ -135,10 +139,13 @@ def _write_back(adapter, solved: dict[str, tuple[QuantResult, dict]], out: LoopR
 
 @torch.no_grad()
 def quantize_model(adapter: ModelAdapter, cfg: QuantConfig, calib: torch.Tensor | None, device,
-                   scale_dtype: torch.dtype | None) -> LoopResult:
+                   scale_dtype: torch.dtype | None, block_stage=None) -> LoopResult:
     """Quantize every planned linear of ``adapter.model`` in place (fake-quant weights); -> LoopResult.
 
     calib: (n, T) token ids, required for calibrated methods.
+    block_stage: optional per-block search run before the block's linears are solved (AWQ, LWC):
+    ``(adapter, i, block, inps, device) -> {linear name: (lo, hi) clip factors}``; it may rewrite the
+    block function-preservingly (AWQ scales) and may expose ``tokens`` (routed rows per linear).
     """
     out = LoopResult()
     model = adapter.model
@@ -154,6 +161,7 @@ def quantize_model(adapter: ModelAdapter, cfg: QuantConfig, calib: torch.Tensor 
         home = next(block.parameters()).device
         block.to(device)  # onload: only the current block needs the compute device
         infos = {li.name: li for li in adapter.block_linears(i)}
+        clips = block_stage(adapter, i, block, inps, device) if block_stage is not None else {}
         parents = _routing_parents(adapter, i)
         gate_name = adapter.spec.moe.proj_names[0] if adapter.spec.moe else ""
         weight_fn = row_weight_fn(parents, cfg.agq, () if cfg.agq_gate_proj else (gate_name,))
@@ -162,7 +170,7 @@ def quantize_model(adapter: ModelAdapter, cfg: QuantConfig, calib: torch.Tensor 
             es.coverage_all = cfg.expert_coverage == "all" and cfg.needs_calibration
         for names in adapter.groups(i):
             gs = None
-            if cfg.needs_calibration:
+            if cfg.needs_calibration and cfg.solver == "gptq":  # RTN needs no Hessian
                 modules = {f"{adapter.block_name(i)}.{n}": get_submodule(block, n) for n in names}
                 routed = any(infos[n].role == "expert" for n in modules)  # experts may not all run
                 gs = GroupStats(modules, device, weight_fn, stop_when_complete=not routed)
@@ -170,7 +178,8 @@ def quantize_model(adapter: ModelAdapter, cfg: QuantConfig, calib: torch.Tensor 
                     for hidden, kw in inps:
                         gs.new_forward()
                         block_output(block, hidden, kw, device)
-            solved = solve_tasks(_tasks_for_group(adapter, i, names, gs, cfg, infos), cfg, scale_dtype, device)
+            tasks = _tasks_for_group(adapter, i, names, gs, cfg, infos, clips, getattr(block_stage, "tokens", None))
+            solved = solve_tasks(tasks, cfg, scale_dtype, device)
             _write_back(adapter, solved, out, infos, scale_dtype)
             del gs
         if isinstance(es, ExpertSet):

@@ -74,6 +74,16 @@ class ArchSpec:
     dense_mlp: str = "mlp"  # dense MLP of non-MoE blocks (and of dense models)
     mlp_proj_names: tuple[str, str, str] = ("gate_proj", "up_proj", "down_proj")
     moe: MoESpec | None = None
+    # Dataflow facts for function-preserving transforms (AWQ smoothing, QuaRot rotation):
+    attn_module: str = "self_attn"  # its output is what AWQ compares for the input-norm scales
+    attn_inputs: tuple[str, ...] | None = None  # linears reading input_norm; None: the first attn group
+    attn_output: str = "self_attn.o_proj"  # the attention linear that writes the residual stream
+    # (v, o): v's output channels are o's input channels, one per head dim (None where they are not, e.g. MLA)
+    value_out: tuple[str, str] | None = ("self_attn.v_proj", "self_attn.o_proj")
+    # norms inside a block that feed linears other than the residual readers: (norm, (linears...))
+    inner_norms: tuple[tuple[str, tuple[str, ...]], ...] = ()
+    qk_linears: tuple[str, ...] = ("self_attn.q_proj", "self_attn.k_proj")  # outputs feed attention scores
+    head_dim_attr: str = "head_dim"  # config attribute; hidden_size / num_attention_heads when unset
     notes: str = ""
     extra: dict = field(default_factory=dict)
 
@@ -128,6 +138,11 @@ register(ArchSpec(
         ("self_attn.q_b_proj", "self_attn.kv_b_proj"),
         ("self_attn.o_proj",),
     ),
+    value_out=None,
+    inner_norms=(("self_attn.q_a_layernorm", ("self_attn.q_b_proj",)),
+                 ("self_attn.kv_a_layernorm", ("self_attn.kv_b_proj",))),
+    qk_linears=("self_attn.q_a_proj", "self_attn.q_proj", "self_attn.q_b_proj", "self_attn.kv_a_proj_with_mqa",
+                "self_attn.kv_b_proj"),
     moe=MoESpec(
         combine="sigmoid_topk_cfg", renorm_attr="norm_topk_prob",
         shared_experts="mlp.shared_experts", shared_combine="one",

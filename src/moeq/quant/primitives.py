@@ -21,8 +21,22 @@ from dataclasses import asdict, dataclass
 import torch
 
 
+class SignedGrid:
+    """Integer range of a signed ``num_bits`` grid, shared by weight and activation schemes."""
+
+    num_bits: int
+
+    @property
+    def qmin(self) -> int:
+        return -(1 << (self.num_bits - 1))
+
+    @property
+    def qmax(self) -> int:
+        return (1 << (self.num_bits - 1)) - 1
+
+
 @dataclass(frozen=True)
-class QuantArgs:
+class QuantArgs(SignedGrid):
     """Weight quantization arguments (field names mirror compressed-tensors' QuantizationArgs)."""
 
     num_bits: int = 4
@@ -34,14 +48,6 @@ class QuantArgs:
             raise ValueError(f"bits must be an integer in 2..8, got {self.num_bits!r} (use --bits 2..8)")
         if self.group_size != -1 and (not isinstance(self.group_size, int) or self.group_size <= 0):
             raise ValueError(f"group size must be -1 (per channel) or a positive integer, got {self.group_size!r}")
-
-    @property
-    def qmin(self) -> int:
-        return -(1 << (self.num_bits - 1))
-
-    @property
-    def qmax(self) -> int:
-        return (1 << (self.num_bits - 1)) - 1
 
     @property
     def strategy(self) -> str:

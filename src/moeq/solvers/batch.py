@@ -32,6 +32,7 @@ class Task:
     expert: bool
     sizes: list[int] = field(default_factory=list)  # rows of each member
     fallback: str | None = None
+    clip: tuple[torch.Tensor, torch.Tensor] | None = None  # searched (lo, hi) range factors (sum out, G), RTN only
 
 
 def split(res: QuantResult, sizes: list[int]) -> list[QuantResult]:
@@ -78,7 +79,7 @@ def solve_tasks(tasks: list[Task], cfg: QuantConfig, scale_dtype, device) -> dic
                            args, blocksize=k.blocksize, damp=k.damp, act_order=k.act_order, mse_clip=k.mse_clip,
                            scale_dtype=scale_dtype)
         else:
-            results = [rtn(t.W.to(device), args, scale_dtype, cfg.mse_clip) for t in group]
+            results = [rtn(t.W.to(device), args, scale_dtype, cfg.mse_clip, clip=t.clip) for t in group]
         per = (time.perf_counter() - t0) / len(group)
         for t, res in zip(group, results):
             start = 0

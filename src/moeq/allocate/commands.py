@@ -1,0 +1,155 @@
+"""``moeq profile`` and ``moeq plan``: their flags and what they run (argv itself is parsed by moeq.cli).
+
+``moeq profile MODEL --out DIR`` measures a :class:`~moeq.allocate.profile.Profile` on the calibration
+set and writes ``profile.json``, ``predictors.safetensors`` and PNG figures. ``moeq plan MODEL --out
+PLAN`` turns a profile (``--profile DIR``, or one measured on the spot) into a bit plan, from
+QuantMoE-Bench rules or, with ``--avg-bits``, by the budgeted search; ``--measure`` then quantizes
+with the plan and reports the predicted against the measured error and perplexity.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+from ..config import FALLBACKS, METHODS, CalibSpec, GPTQKnobs, QuantConfig
+from ..quant.primitives import QuantArgs
+from .plan import PlanRules, Selection
+from .search import METHODS as SEARCHES
+
+
+def _ints(s: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(x) for x in s.split(",") if x.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated bit widths like 2,3,4,8; got {s!r}") from None
+
+
+def _add_calib_flags(p: argparse.ArgumentParser) -> None:
+    """The calibration (and solver) flags of ``moeq quantize``."""
+    p.add_argument("model", nargs="?", default=None, help="bundled name, checkpoint dir or hub id (default: bundled)")
+    p.add_argument("--method", choices=METHODS, default="gptq", help="solver whose loss measures sensitivity")
+    p.add_argument("--group-size", type=int, default=None,
+                   help="-1 = per channel, or e.g. 32/64/128 (default: the profile's with --profile, else 128)")
+    sym = p.add_mutually_exclusive_group()
+    sym.add_argument("--sym", dest="sym", action="store_true", default=True, help="symmetric grid (default)")
+    sym.add_argument("--asym", dest="sym", action="store_false", help="asymmetric grid with zero points")
+    p.add_argument("--calib", default=None, help="calibration source as for `moeq quantize` (default wikitext2; "
+                                                 "ebss for --method moequant)")
+    p.add_argument("--ebss-width", type=int, default=4)
+    p.add_argument("--ebss-tau", type=float, default=1.2)
+    p.add_argument("--nsamples", type=int, default=128, help="calibration windows (default 128)")
+    p.add_argument("--seqlen", type=int, default=None, help="calibration window length (default: min(2048, context))")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--batch-size", type=int, default=8, help="calibration sequences per block forward")
+    p.add_argument("--damp", type=float, default=0.01)
+    p.add_argument("--blocksize", type=int, default=128)
+    p.add_argument("--act-order", action="store_true")
+    p.add_argument("--mse-clip", action=argparse.BooleanOptionalAction, default=None)
+    p.add_argument("--min-tokens", type=int, default=8)
+    p.add_argument("--fallback", choices=FALLBACKS, default="rtn")
+    p.add_argument("--candidates", type=_ints, default=(2, 3, 4, 8), help="widths to profile (default 2,3,4,8)")
+    p.add_argument("--predictor-hidden", type=int, default=256, help="block-predictor hidden width (paper: 1024)")
+    p.add_argument("--predictor-tokens", type=int, default=16384, help="tokens per block to train/score on")
+    p.add_argument("--predictor-epochs", type=int, default=60)
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output")
+
+
+def add_parsers(sub, add_common) -> None:
+    pr = sub.add_parser("profile", help="expert usage, outlier and block-importance scores, sensitivities, plots")
+    _add_calib_flags(pr)
+    pr.add_argument("--out", required=True, help="output folder (profile.json, predictors.safetensors, *.png)")
+    pr.add_argument("--no-sensitivity", action="store_true", help="skip the per-width losses (no --avg-bits later)")
+    pr.add_argument("--no-predictor", action="store_true", help="skip the block-importance predictors")
+    add_common(pr)
+
+    pl = sub.add_parser("plan", help="build a mixed-precision bit plan (rules or a bit-budget search)",
+                        description="Rules compose: role widths first, then each selection rule raises what it "
+                                    "selects to at least its width. K@B means count K at B bits (B defaults to "
+                                    "--high-bits).")
+    _add_calib_flags(pl)
+    pl.add_argument("--out", required=True, help="plan file: .yaml, .yml or .json")
+    pl.add_argument("--profile", default=None, help="profile folder from `moeq profile` (skips the calibration pass)")
+    pl.add_argument("--bits", type=int, default=2, help="routed-expert (base) width (default 2)")
+    pl.add_argument("--attn-bits", type=int, default=None, help="attention width (default: --bits)")
+    pl.add_argument("--shared-bits", type=int, default=None, help="shared-expert width (default: --bits)")
+    pl.add_argument("--dense-bits", type=int, default=None, help="dense-MLP width of non-MoE blocks (default: attn)")
+    pl.add_argument("--high-bits", type=int, default=4, help="width of selection rules given without @B (default 4)")
+    pl.add_argument("--freq-top", default=None, metavar="K[@B]", help="top-K most routed experts per layer")
+    pl.add_argument("--alpha", type=float, default=0.0, help="share of --freq-top given to outlier-ranked linears")
+    pl.add_argument("--first-k", default=None, metavar="K[@B]", help="all experts of the first K MoE blocks")
+    pl.add_argument("--last-k", default=None, metavar="K[@B]", help="all experts of the last K MoE blocks")
+    pl.add_argument("--outlier-top", default=None, metavar="P[@B]", help="top P%% of expert linears by outlier score")
+    pl.add_argument("--importance-top", default=None, metavar="K[@B]", help="top-K blocks by the importance predictor")
+    pl.add_argument("--random-seed", type=int, default=None, help="random selections of the same counts (baseline)")
+    pl.add_argument("--serving-compatible", action="store_true",
+                    help="one scheme per fused-MoE layer and per fused q/k/v (what vLLM-style kernels can run)")
+    pl.add_argument("--avg-bits", type=float, default=None, help="search the least-sensitive plan within this budget")
+    pl.add_argument("--search", choices=SEARCHES, default="knapsack")
+    pl.add_argument("--measure", action="store_true", help="quantize with the plan (and uniform floor(--avg-bits)) "
+                                                           "and report measured error and perplexity")
+    pl.add_argument("--ppl", default="wikitext2", help="perplexity sets for --measure (comma-separated)")
+    pl.add_argument("--ppl-limit", type=int, default=None)
+    pl.add_argument("--eval-seqlen", type=int, default=None)
+    add_common(pl)
+
+
+def quant_config(a) -> QuantConfig:
+    """The run configuration the calibration flags describe (uniform plan at the base width)."""
+    moequant = a.method == "moequant"
+    calib = a.calib or ("ebss" if moequant else "wikitext2")
+    mse = moequant if a.mse_clip is None else a.mse_clip
+    from ..config import BitPlan
+
+    return QuantConfig(method=a.method, plan=BitPlan(default=QuantArgs(getattr(a, "bits", 4), a.group_size, a.sym)),
+                       calib=CalibSpec(calib, a.nsamples, a.seqlen, a.seed, a.ebss_width, a.ebss_tau),
+                       gptq=GPTQKnobs(a.blocksize, a.damp, a.act_order, mse), min_tokens=a.min_tokens,
+                       fallback=a.fallback, mse_clip=mse, batch_size=a.batch_size, agq=moequant)
+
+
+def plan_rules(a) -> PlanRules:
+    sel = {f: Selection.parse(getattr(a, f), a.high_bits, "--" + f.replace("_", "-"))
+           for f in ("freq_top", "first_k", "last_k", "outlier_top", "importance_top")}
+    return PlanRules(bits=a.bits, attn_bits=a.attn_bits, shared_bits=a.shared_bits, dense_bits=a.dense_bits,
+                     group_size=a.group_size, symmetric=a.sym, alpha=a.alpha, random_seed=a.random_seed,
+                     serving_compatible=a.serving_compatible, **sel)
+
+
+def cmd_profile(a) -> int:
+    from ..utils.fs import atomic_dir, check_output
+    from .plots import profile_plots
+    from .run import load_for_profile, run_profile
+
+    check_output(a.out, a.overwrite)
+    a.group_size = 128 if a.group_size is None else a.group_size
+    loaded, cfg, device = load_for_profile(a, quant_config(a))
+    with atomic_dir(a.out, a.overwrite) as tmp:
+        prof = run_profile(loaded, cfg, a, device, predictor=not a.no_predictor, sensitivity=not a.no_sensitivity,
+                           predictors_out=tmp / "predictors.safetensors")
+        prof.save(tmp)
+        files = profile_plots(prof, tmp)
+    print(f"profiled {prof.model} ({prof.model_type}) on {prof.tokens:,} calibration tokens "
+          f"in {prof.seconds['total']:.1f}s; expert-balance std {prof.balance_std:.4f}")
+    if prof.importance:
+        ranked = sorted(prof.importance, key=lambda b: -prof.importance[b]["score"])
+        print("blocks by predicted importance: " + ", ".join(
+            f"{b} ({prof.importance[b]['score']:.4f})" for b in ranked))
+    print(f"wrote profile.json, {'predictors.safetensors, ' if prof.importance else ''}{', '.join(files)} -> {a.out}")
+    return 0
+
+
+def cmd_plan(a) -> int:
+    from .profile import Profile
+    from .run import make_plan
+
+    if a.group_size is None:
+        a.group_size = Profile.load(a.profile).group_size if a.profile else 128
+    if a.avg_bits is not None and any(getattr(a, f) is not None for f in (
+            "attn_bits", "shared_bits", "dense_bits", "freq_top", "first_k", "last_k", "outlier_top",
+            "importance_top", "random_seed")):
+        raise ValueError("--avg-bits searches every width itself: drop the rule flags (--attn-bits, --freq-top, ...) "
+                         "or drop --avg-bits")
+    rules = None if a.avg_bits is not None else plan_rules(a)
+    out = make_plan(a, rules, quant_config(a))
+    print(json.dumps(out["printed"], indent=1) if a.verbose else out["text"])
+    return 0

@@ -1,0 +1,197 @@
+"""The profile: everything allocation needs, measured in one full-precision pass over the blocks.
+
+``profile_model`` reuses the block loop's machinery (:mod:`moeq.capture`): block-0 inputs are
+captured once, then per block one forward per calibration batch with hooks on *every* linear of the
+block (nothing is quantized in this pass, so a single forward feeds all Hessians) and on the
+post-attention norm (the predictor's input). From it come expert usage (routed tokens per expert),
+the per-token cos(x, y) samples that train the block-importance predictor, and each linear's
+sensitivity at each candidate width (:mod:`.sensitivity`). Outlier scores come from the weights alone.
+
+A :class:`Profile` is plain data (JSON-serialisable) plus the saved predictors; plans are pure
+functions of it (:func:`moeq.allocate.plan.build_plan`, :func:`moeq.allocate.search.allocate`).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from ..capture.fp_pass import fp_block_pass
+from ..config import QuantConfig
+from ..evaluate.routing import balance_std
+from ..models.adapter import ModelAdapter, get_submodule
+from ..quant.primitives import QuantArgs
+from ..utils.progress import log
+from .modules import ModuleRecord, inventory
+from .predictor import PredictorConfig, TokenSampler, save_predictors, token_cos, train_predictor
+from .scores import outlier_scores
+from .sensitivity import WEIGHTED_ROLES, candidate_losses, impact_hessians, routed_tokens
+
+PROFILE_FORMAT = "moeq-profile"
+
+
+@dataclass
+class Profile:
+    model: str
+    model_type: str
+    modules: list[ModuleRecord]
+    num_experts: int = 0
+    top_k: int = 0
+    moe_blocks: list[int] = field(default_factory=list)
+    calibration: dict | None = None
+    tokens: int = 0  # calibration tokens
+    usage: dict[int, list[int]] = field(default_factory=dict)  # block -> routed tokens per expert
+    outlier: dict[str, float] = field(default_factory=dict)  # routed-expert linear -> outlier score
+    importance: dict[int, dict] = field(default_factory=dict)  # block -> predictor facts ("score" = 1 - cos)
+    candidates: list[int] = field(default_factory=list)
+    group_size: int = 128
+    symmetric: bool = True
+    solver: str | None = None
+    sensitivity: dict[str, dict[int, float]] = field(default_factory=dict)  # name -> bits -> loss per token
+    seconds: dict = field(default_factory=dict)
+
+    @property
+    def balance_std(self) -> float:
+        return balance_std(self.usage) if self.usage else float("nan")
+
+    def block_importance(self) -> dict[int, float]:
+        return {b: v["score"] for b, v in self.importance.items()}
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["format"], d["version"] = PROFILE_FORMAT, 1
+        d["balance_std"] = self.balance_std
+        d["usage"] = {str(k): v for k, v in self.usage.items()}
+        d["importance"] = {str(k): v for k, v in self.importance.items()}
+        d["sensitivity"] = {n: {str(b): v for b, v in s.items()} for n, s in self.sensitivity.items()}
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Profile":
+        if d.get("format") != PROFILE_FORMAT:
+            raise ValueError("not a moeq profile (no format: moeq-profile); make one with "
+                             "`moeq profile MODEL --out DIR`")
+        kw = {k: d[k] for k in cls.__dataclass_fields__ if k in d}
+        kw["modules"] = [ModuleRecord(**m) for m in d["modules"]]
+        kw["usage"] = {int(k): v for k, v in d.get("usage", {}).items()}
+        kw["importance"] = {int(k): v for k, v in d.get("importance", {}).items()}
+        kw["sensitivity"] = {n: {int(b): v for b, v in s.items()} for n, s in d.get("sensitivity", {}).items()}
+        return cls(**kw)
+
+    def save(self, out_dir: str | Path) -> Path:
+        p = Path(out_dir) / "profile.json"
+        p.write_text(json.dumps(self.to_dict(), indent=1) + "\n")
+        return p
+
+    @classmethod
+    def load(cls, path: str | Path) -> "Profile":
+        p = Path(path)
+        if p.is_dir():
+            p = p / "profile.json"
+        if not p.is_file():
+            raise ValueError(f"{path} has no profile.json; make one with `moeq profile MODEL --out DIR`")
+        try:
+            return cls.from_dict(json.loads(p.read_text()))
+        except (json.JSONDecodeError, TypeError, KeyError) as e:
+            raise ValueError(f"{p} is not a readable moeq profile ({e}); regenerate it with `moeq profile`") from None
+
+
+@dataclass(frozen=True)
+class ProfileOptions:
+    candidates: tuple[int, ...] = (2, 3, 4, 8)
+    template: QuantArgs = QuantArgs(4, 128, True)  # group size and symmetry of every candidate grid
+    sensitivity: bool = True
+    predictor: bool = True
+    predictor_cfg: PredictorConfig = PredictorConfig()
+    batch_size: int = 8
+
+
+@torch.no_grad()
+def profile_model(adapter: ModelAdapter, calib: torch.Tensor, opts: ProfileOptions, cfg: QuantConfig,
+                  scale_dtype, device="cpu", model_name: str = "", calib_info: dict | None = None,
+                  predictors_out: str | Path | None = None) -> Profile:
+    """Measure a :class:`Profile` of ``adapter.model`` on calibration ids (n, T). ``cfg`` picks the
+    solver that measures sensitivities (its plan is ignored). Predictors are saved to ``predictors_out``."""
+    if calib is None or calib.numel() == 0:
+        raise ValueError("the calibration set is empty: give --calib a source with text and --nsamples >= 1")
+    for b in opts.candidates:
+        QuantArgs(b, opts.template.group_size, opts.template.symmetric)  # validates each width
+    secs = {}
+    t0 = time.perf_counter()
+    was_unfused = adapter.is_unfused
+    adapter.unfuse()
+    try:
+        return _profile(adapter, calib, opts, cfg, scale_dtype, device, model_name, calib_info, predictors_out,
+                        secs, t0)
+    finally:
+        if not was_unfused:
+            adapter.refuse()
+
+
+def _profile(adapter, calib, opts, cfg, scale_dtype, device, model_name, calib_info, predictors_out, secs, t0):
+    records = {r.name: r for r in inventory(adapter)}
+    outlier = outlier_scores(adapter)
+    secs["outlier"] = time.perf_counter() - t0
+    total = int(calib.numel())
+    pc = opts.predictor_cfg
+    usage, sens, importance, predictors, cos_sum, samplers = {}, {}, {}, {}, {}, {}
+    gate = adapter.spec.moe.proj_names[0] if adapter.spec.moe else None
+
+    def modules_of(i):
+        prefix = adapter.block_name(i) + "."
+        names = [r.name for r in records.values() if r.block == i]
+        if not opts.sensitivity:  # usage only: the experts' first projections count their routed rows
+            names = [n for n in names if records[n].role == "expert" and records[n].proj == gate]
+        samplers[i], cos_sum[i] = TokenSampler(total, pc.max_tokens, pc.seed + i), 0.0
+        return {n: get_submodule(adapter.blocks[i], n[len(prefix):]) for n in names}
+
+    def on_batch(i, x, y):
+        if opts.predictor:
+            c = token_cos(x, y)  # (b*T,)
+            cos_sum[i] += float(c.double().sum())
+            samplers[i].add(x, c)
+
+    def weighted_of(i):
+        if not opts.sensitivity:
+            return {}
+        prefix = adapter.block_name(i) + "."
+        return {n: get_submodule(adapter.blocks[i], n[len(prefix):]) for n, r in records.items()
+                if r.block == i and r.role in WEIGHTED_ROLES}
+
+    def on_block(i, gs, gw):
+        names = list(gs.modules) if gs is not None else []
+        if adapter.is_moe_block(i):
+            tok = routed_tokens(gs, names)
+            base = f"{adapter.block_name(i)}.{adapter.spec.moe.experts}"
+            usage[i] = [tok.get(f"{base}.{e}.{gate}", 0) for e in range(adapter.num_experts)]
+        if opts.sensitivity:
+            weights = {n: m.weight.data for n, m in gs.modules.items()}
+            sens.update(candidate_losses(weights, gs, impact_hessians(gs, gw, records, total), records,
+                                         list(opts.candidates), opts.template, cfg, scale_dtype, device))
+
+    t = time.perf_counter()
+    fp_block_pass(adapter, calib, device, opts.batch_size, modules_of, on_batch, on_block, weighted_of)
+    secs["calibration_pass"] = time.perf_counter() - t
+    t = time.perf_counter()
+    for i, sampler in samplers.items() if opts.predictor else ():
+        X, tgt = sampler.data()
+        pred, info = train_predictor(X, tgt, pc)
+        info["measured_cos"] = cos_sum[i] / total
+        info["score"] = 1.0 - info["predicted_cos"]
+        importance[i], predictors[i] = info, pred
+        log.debug("block %d predictor: %s", i, info)
+    secs.update(predictor_training=time.perf_counter() - t, total=time.perf_counter() - t0)
+    if predictors and predictors_out is not None:
+        save_predictors(predictors, predictors_out)
+    model = adapter.model
+    return Profile(model=model_name, model_type=model.config.model_type, modules=list(records.values()),
+                   num_experts=adapter.num_experts, top_k=adapter.top_k, moe_blocks=adapter.moe_blocks(),
+                   calibration=calib_info, tokens=total, usage=usage, outlier=outlier, importance=importance,
+                   candidates=list(opts.candidates) if opts.sensitivity else [],
+                   group_size=opts.template.group_size, symmetric=opts.template.symmetric,
+                   solver=cfg.solver if opts.sensitivity else None, sensitivity=sens,
+                   seconds={k: round(v, 3) for k, v in secs.items()})

@@ -1,0 +1,1 @@
+"""Function-preserving weight rewrites, named after where they act: Hadamard rotations (QuaRot), AWQ smoothing."""
