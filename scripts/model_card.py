@@ -23,6 +23,15 @@ from moeq.models.adapter import ModelAdapter  # noqa: E402
 from moeq.models.loading import load_model  # noqa: E402
 
 
+def _stages(log: dict) -> list[dict]:
+    """The training stages, first to last, from a train_log.json and its nested ``init_log`` lineage."""
+    out = []
+    while log:
+        out.append(log)
+        log = log.get("init_log")
+    return out[::-1]
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("model_dir")
@@ -57,11 +66,33 @@ def main():
         "",
         "## Training",
         "",
-        f"| | |\n|---|---|\n| tokens seen | {log['tokens_seen']:,} ({log['steps']} steps x {log['batch']} x {log['seqlen']}) |\n"
-        f"| training time | {log['train_seconds'] / 60:.1f} min on {log['threads']} CPU thread(s) |\n"
-        f"| optimizer | AdamW, peak lr {log['lr']}, cosine to 10%, router load-balancing loss coef "
-        f"{cfg.router_aux_loss_coef} |\n| final train loss (EMA) | {log['final_train_lm_loss_ema']} |\n"
-        f"| final held-out loss | {log['final_val_loss']} (0.5% of corpus documents) |\n| seed | {log['seed']} |",
+        "Training ran in stages, each continuing from the previous checkpoint (`--init`); all on "
+        "`../shared/data/train_corpus` with batch x sequence length as listed, AdamW (betas 0.9/0.95, weight "
+        "decay 0.1), warmup then cosine decay to 10% of the peak lr, gradient clipping 1.0.",
+        "",
+        "| stage | steps | tokens | peak lr | load balancing | expert splits | time | final train loss (EMA) "
+        "| held-out loss |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    stages = _stages(log)
+    for n, st in enumerate(stages, 1):
+        bal = (f"per-layer Switch loss, coef {st['balance_coef']}" if "balance_coef" in st
+               else "transformers' router aux loss pooled over layers, coef 0.02")
+        rev = ", ".join(f"L{r['layer']}: {r['donor']}->{r['dead']}" for r in st.get("revived", [])) or "-"
+        lines.append(f"| {n} | {st['steps']} | {st['tokens_seen']:,} | {st['lr']} | {bal} | {rev} | "
+                     f"{st['train_seconds'] / 60:.1f} min, {st['threads']} thread(s) | {st['final_train_lm_loss_ema']} "
+                     f"| {st['final_val_loss']} |")
+    total_tok = sum(st["tokens_seen"] for st in stages)
+    total_min = sum(st["train_seconds"] for st in stages) / 60
+    lines += [
+        f"| total | {sum(st['steps'] for st in stages)} | {total_tok:,} | | | | {total_min:.1f} min | | |",
+        "",
+        "Held-out loss: 0.5% of the corpus documents, never trained on. Expert splits: before a stage, every "
+        "expert below the `--revive` fraction of its uniform share on 8 training batches became a copy of the "
+        "layer's busiest expert (router row plus a little noise), which the balance loss then pulls apart; a "
+        "dead expert gets almost no gradient from the balance loss alone. Stage 1 was trained by the "
+        "first revision of the script (commit 886f0d3), whose pooled aux loss let single layers starve experts; "
+        "the later stages fix that.",
         "",
         f"## Evaluation (moeq eval, non-overlapping {seqlen}-token windows)",
         "",
@@ -78,10 +109,11 @@ def main():
     starved = [i for i, r in usage["layers"].items() if r["min_rel_share"] < 0.2]
     lines += ["", "No expert is starved (every expert gets at least 20% of its uniform share)." if not starved
               else f"Layers with an expert below 20% of its uniform share: {starved}.", "",
-              "Reproduce: `python scripts/train_bundled_model.py " + f"--arch {log['arch']} --steps {log['steps']} "
-              f"--batch {log['batch']} --seqlen {log['seqlen']} --lr {log['lr']} --seed {log['seed']} "
-              f"--threads {log['threads']}{' --bf16' if log.get('bf16') else ''} --out DIR` "
-              "then `python scripts/model_card.py DIR`.", ""]
+              "Reproduce: stage 1 with commit 886f0d3's script, then for each later stage "
+              "`python scripts/train_bundled_model.py --arch ARCH --init PREV --tokenizer PREV --steps S --lr LR "
+              "--warmup W --balance-coef C [--revive R] --threads 1 --bf16 --out NEXT` with the stage's figures "
+              "from `train_log.json` (`init_log` holds the earlier stages), then `python scripts/model_card.py DIR`.",
+              ""]
     (d / "MODEL_CARD.md").write_text("\n".join(lines))
     print("\n".join(lines))
     return 0 if not starved else 1

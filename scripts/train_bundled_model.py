@@ -172,6 +172,39 @@ def balance_loss(router_logits, top_k: int) -> torch.Tensor:
     return torch.stack(losses).mean()
 
 
+@torch.no_grad()
+def revive_dead_experts(model, batches, top_k: int, threshold: float, seed: int) -> list[dict]:
+    """Split overloaded experts into starved ones: every expert of a layer that gets less than ``threshold``
+    of its uniform share of the top-k assignments on ``batches`` becomes a copy of the layer's busiest
+    (not yet split) expert, FFN weights and router row, with a little noise on the router row so the two
+    copies drift apart under further training. A dead expert gets almost no gradient from the balance loss
+    (its probability is ~0), so splitting is what brings it back. -> the list of splits made."""
+    model.eval()
+    counts = None
+    for x in batches:
+        logits = model(input_ids=x, output_router_logits=True).router_logits  # per layer (N, E)
+        c = torch.stack([torch.zeros(lg.shape[-1]).index_add_(0, lg.float().topk(top_k, -1).indices.flatten(),
+                                                               torch.ones(lg.shape[0] * top_k)) for lg in logits])
+        counts = c if counts is None else counts + c  # (L, E)
+    model.train()
+    g = torch.Generator().manual_seed(seed)
+    splits = []
+    layers = [blk.mlp for blk in model.model.layers]
+    for li, (mlp, c) in enumerate(zip(layers, counts)):
+        share = c / c.sum() * c.numel()  # (E,) load as a multiple of the uniform share
+        donors = [int(e) for e in share.argsort(descending=True)]
+        for dead in [int(e) for e in (share < threshold).nonzero().flatten()]:
+            donor = donors.pop(0)
+            for name in ("gate_up_proj", "down_proj"):
+                w = getattr(mlp.experts, name)  # (E, out, in)
+                w[dead] = w[donor]
+            r = mlp.gate.weight  # (E, hidden)
+            r[dead] = r[donor] + 0.01 * r[donor].std() * torch.randn(r.shape[1], generator=g)
+            splits.append({"layer": li, "dead": dead, "dead_share": round(float(share[dead]), 4),
+                           "donor": donor, "donor_share": round(float(share[donor]), 4)})
+    return splits
+
+
 def lr_at(step: int, total: int, peak: float, warmup: int) -> float:
     if step < warmup:
         return peak * (step + 1) / warmup
@@ -197,6 +230,9 @@ def main():
     ap.add_argument("--bf16", action="store_true", help="bf16 autocast for matmuls (CPU with AVX512-BF16)")
     ap.add_argument("--init", default=None,
                     help="continue training from this checkpoint dir (same arch and tokenizer) instead of random init")
+    ap.add_argument("--revive", type=float, default=0.0,
+                    help="before training, split the busiest expert into every expert below this fraction of its "
+                         "uniform share (e.g. 0.2; measured on 8 training batches)")
     ap.add_argument("--balance-coef", type=float, default=0.02, help="per-layer load-balancing loss weight")
     args = ap.parse_args()
 
@@ -267,6 +303,13 @@ def main():
            "bf16": args.bf16, "tokenizer": args.tokenizer or "trained by this run",
            "balance_coef": args.balance_coef, "warmup": args.warmup, "init": args.init or "random",
            "curve": []}
+    if args.init and (Path(args.init) / "train_log.json").exists():  # lineage: what the init had been through
+        log["init_log"] = json.loads((Path(args.init) / "train_log.json").read_text())
+    if args.revive:
+        g_rev = torch.Generator().manual_seed(args.seed + 1)
+        log["revived"] = revive_dead_experts(model, [batch_from(train_ids, g_rev) for _ in range(8)],
+                                             model.config.num_experts_per_tok, args.revive, args.seed)
+        print(f"revived experts: {log['revived']}", flush=True)
     model.train()
     t_train = time.time()
     ema = None
