@@ -3,9 +3,11 @@
 Runs both in one process sequence on the same machine and prints WikiText-2 / C4 perplexity of each
 and the wall-time ratio moeq / llm-compressor (calibration + quantization only; loading and evaluation
 are excluded for both). llm-compressor is run with its defaults apart from the scheme: its static
-act-order, all-experts calibration and dampening 0.01 are matched in the moeq "matched" row
-(``--act-order --expert-coverage all``); moeq's own defaults (routed experts, no act-order) are a
-second row.
+act-order, all-experts calibration, dampening 0.01 and one statistics pass per decoder layer (its
+sequential pipeline calibrates every linear of a layer on the layer's unquantized inputs) are matched
+in the moeq "matched" row (``--act-order --expert-coverage all --no-true-sequential``); a "fast" row
+uses moeq's routed-expert statistics with one pass per block, and the "defaults" row is moeq's
+default (routed experts, true-sequential groups q,k,v -> o -> gate/up -> down, no act-order).
 
 llm-compressor 0.14 pins transformers 5.17 and compressed-tensors 0.19, so run this from an
 environment that has it (moeq supports that version range):
@@ -54,16 +56,26 @@ def run_llmcompressor(model, tok, ids: torch.Tensor, bits: int, group: int, igno
     return time.perf_counter() - t
 
 
-def run_moeq(model, ids: torch.Tensor, bits: int, group: int, act_order: bool, coverage: str, storage) -> float:
+def run_moeq(model, ids: torch.Tensor, bits: int, group: int, act_order: bool, coverage: str, true_seq: bool,
+             storage) -> float:
     cfg = QuantConfig(method="gptq", plan=BitPlan(default=QuantArgs(bits, group, True)),
                       calib=CalibSpec("wikitext2", ids.shape[0], ids.shape[1]),
-                      gptq=GPTQKnobs(damp=0.01, act_order=act_order), expert_coverage=coverage)
+                      gptq=GPTQKnobs(damp=0.01, act_order=act_order), expert_coverage=coverage,
+                      true_sequential=true_seq)
     ad = ModelAdapter.for_model(model).unfuse()
     t = time.perf_counter()
     quantize_model(ad, cfg, ids, "cpu", storage)
     el = time.perf_counter() - t
     ad.refuse()
     return el
+
+
+# (label, act-order, expert coverage, true-sequential)
+MOEQ_ROWS = (
+    ("moeq gptq matched (--act-order --expert-coverage all --no-true-sequential)", True, "all", False),
+    ("moeq gptq fast (routed experts, --no-true-sequential)", False, "routed", False),
+    ("moeq gptq defaults (routed experts, true-sequential)", False, "routed", True),
+)
 
 
 def main():
@@ -93,10 +105,9 @@ def main():
             rows.append({"method": "llm-compressor GPTQModifier (defaults: static act-order, all experts)",
                          "bits": bits, **{k: v["ppl"] for k, v in ppl(m).items()}, "seconds": peer_t})
             del m
-        for label, act, cov in (("moeq gptq matched (--act-order --expert-coverage all)", True, "all"),
-                                ("moeq gptq defaults (routed experts)", False, "routed")):
+        for label, act, cov, ts in MOEQ_ROWS:
             m = copy.deepcopy(base.model)
-            t = run_moeq(m, ids, bits, args.group_size, act, cov, base.storage_dtype)
+            t = run_moeq(m, ids, bits, args.group_size, act, cov, ts, base.storage_dtype)
             rows.append({"method": label, "bits": bits, **{k: v["ppl"] for k, v in ppl(m).items()}, "seconds": t,
                          "time_ratio_vs_peer": (t / peer_t) if peer_t else None})
             del m

@@ -112,3 +112,22 @@ def test_gptq_beats_rtn_on_layer_loss(tiny_ckpt, tmp_path):
     losses = {r["name"]: r["loss"] for r in g["modules"]}
     assert all(v >= 0 for v in losses.values())
     assert g["seconds"]["quantize"] > 0 and set(g["seconds"]) >= {"calibration", "quantize", "evaluate", "export", "total"}
+
+
+def test_one_pass_per_block_differs_only_after_the_first_group(tiny_ckpt, tmp_path):
+    """--no-true-sequential: every linear is calibrated on the block's unquantized inputs in one pass.
+    The first group (q,k,v) sees the same inputs either way, so its integers are identical; later groups
+    see inputs that no longer reflect the quantized attention, so theirs differ."""
+    d = str(tiny_ckpt("mixtral"))
+    seq = quantize(d, cfg(nsamples=4), tmp_path / "s", skip_eval=True)
+    one = quantize(d, cfg(nsamples=4, true_sequential=False), tmp_path / "o", skip_eval=True)
+    assert [r["name"] for r in seq["modules"]] == [r["name"] for r in one["modules"]]
+    from safetensors.torch import load_file
+
+    a, b = load_file(tmp_path / "s" / "model.safetensors"), load_file(tmp_path / "o" / "model.safetensors")
+    packed = [k for k in a if k.endswith("weight_packed")]
+    same = {k for k in packed if torch.equal(a[k], b[k])}
+    qkv = {k for k in packed if "layers.0.self_attn." in k and k.split(".")[-2] in ("q_proj", "k_proj", "v_proj")}
+    assert qkv and qkv <= same  # block 0's first group: identical inputs, identical integers
+    later = {k for k in packed if "layers.0." in k} - qkv  # o_proj and the experts of block 0
+    assert later and later - same  # they saw inputs with or without the quantized attention

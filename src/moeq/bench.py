@@ -20,6 +20,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from .methods import PRESETS as METHOD_PRESETS
 from .config import BitPlan, CalibSpec, GPTQKnobs, QuantConfig
 from .models.loading import load_model
 from .pipeline import EvalSpec, evaluate, quantize_loaded
@@ -27,13 +28,15 @@ from .quant.primitives import QuantArgs
 from .utils.fs import write_atomic
 from .utils.progress import log
 
-# presets of the methods moeq knows: (solver method, calibration override, agq, mse_clip)
-PRESETS = {
-    "rtn": ("rtn", None, False, False),
-    "gptq": ("gptq", None, False, False),
-    "gptq-agq": ("gptq", None, True, False),
-    "moequant": ("moequant", "ebss", True, True),
-}
+# every `moeq quantize --method` with its preset (moeq.methods.PRESETS), plus bench-only ablation variants
+VARIANTS = {"gptq-agq": ("gptq", {"agq": True})}
+BENCH_METHODS = (*METHOD_PRESETS, *VARIANTS)
+
+
+def preset(method: str) -> tuple[str, dict]:
+    """-> (the QuantConfig method, its preset: calib, agq, mse_clip, rotate)."""
+    base, over = VARIANTS.get(method, (method, {}))
+    return base, {**METHOD_PRESETS[base], **over}
 
 
 @dataclass
@@ -52,9 +55,9 @@ class Grid:
     limit: int | None = None
 
     def __post_init__(self):
-        unknown = [m for m in self.methods if m not in PRESETS]
+        unknown = [m for m in self.methods if m not in BENCH_METHODS]
         if unknown:
-            raise ValueError(f"unknown bench method(s) {unknown}; choose from {', '.join(PRESETS)}")
+            raise ValueError(f"unknown bench method(s) {unknown}; choose from {', '.join(BENCH_METHODS)}")
         for b in self.bits:
             QuantArgs(b, self.group_size)  # validates
 
@@ -72,16 +75,18 @@ class Grid:
         out = [{"method": "fp", "bits": 16, "calib": None}]
         for method in self.methods:
             for bits in self.bits:
-                cals = [PRESETS[method][1]] if PRESETS[method][1] else (self.calib if method != "rtn" else [None])
+                fixed = preset(method)[1]["calib"] == "ebss"  # EBSS methods bring their own calibration set
+                cals = ["ebss"] if fixed else (self.calib if method != "rtn" else [None])
                 out += [{"method": method, "bits": bits, "calib": c} for c in cals]
         return out
 
 
 def _quant_config(grid: Grid, cell: dict) -> QuantConfig:
-    solver, _, agq, mse = PRESETS[cell["method"]]
-    return QuantConfig(method=solver, plan=BitPlan(default=QuantArgs(cell["bits"], grid.group_size, True)),
+    method, p = preset(cell["method"])
+    return QuantConfig(method=method, plan=BitPlan(default=QuantArgs(cell["bits"], grid.group_size, True)),
                        calib=CalibSpec(cell["calib"] or "wikitext2", grid.nsamples, grid.seqlen, grid.seed),
-                       gptq=GPTQKnobs(mse_clip=mse), agq=agq, mse_clip=mse)
+                       gptq=GPTQKnobs(mse_clip=p["mse_clip"]), agq=p["agq"], mse_clip=p["mse_clip"],
+                       rotate=p["rotate"])
 
 
 def cell_key(grid: Grid, cell: dict) -> str:

@@ -95,6 +95,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="AWQ output-aware clip search after the scales (default on)")
     q.add_argument("--lwc-epochs", type=int, default=2, help="omniquant: LWC epochs per block (default 2; paper 20)")
     q.add_argument("--lwc-lr", type=float, default=5e-2, help="omniquant: LWC learning rate (default 5e-2)")
+    q.add_argument("--true-sequential", action=argparse.BooleanOptionalAction, default=True,
+                   help="solve a block's linears group by group (q,k,v -> o -> gate/up -> down), each group's "
+                        "statistics taken after the previous groups are quantized (default); --no-true-sequential: "
+                        "one statistics pass per block for all its linears, about half the forwards")
     q.add_argument("--expert-coverage", choices=COVERAGE, default="routed",
                    help="routed: expert statistics from routed tokens only; all: every token through every "
                         "expert for statistics (outputs still combine routed experts only)")
@@ -150,7 +154,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("model", nargs="?", default=None)
     b.add_argument("--out", required=True, help="bench folder (reused: finished cells are skipped)")
     b.add_argument("--grid", default=None, help="YAML grid file (keys as the flags below); overrides them")
-    b.add_argument("--methods", type=_csv, default=("rtn", "gptq", "moequant"), help="rtn,gptq,gptq-agq,moequant")
+    b.add_argument("--methods", type=_csv, default=("rtn", "gptq", "moequant"),
+                   help="any `quantize --method`, or gptq-agq (default rtn,gptq,moequant)")
     b.add_argument("--bits", type=_csv, default=("4", "3"))
     b.add_argument("--group-size", type=int, default=128)
     b.add_argument("--calib", type=_csv, default=("wikitext2",), help="calibration sets for GPTQ-family methods")
@@ -208,7 +213,7 @@ def cmd_quantize(a) -> int:
         plan=_load_plan(a.plan) if a.plan else BitPlan(default=QuantArgs(a.bits, a.group_size, a.sym)),
         calib=CalibSpec(a.calib, a.nsamples, a.seqlen, a.seed, a.ebss_width, a.ebss_tau),
         gptq=GPTQKnobs(a.blocksize, a.damp, a.act_order, a.mse_clip),
-        expert_coverage=a.expert_coverage, min_tokens=a.min_tokens, fallback=a.fallback,
+        expert_coverage=a.expert_coverage, true_sequential=a.true_sequential, min_tokens=a.min_tokens, fallback=a.fallback,
         mse_clip=a.mse_clip, batch_size=a.batch_size, agq=a.agq, agq_gate_proj=a.agq_gate_proj,
         awq=AWQKnobs(grid=a.awq_grid, clip=a.awq_clip), lwc=LWCKnobs(epochs=a.lwc_epochs, lr=a.lwc_lr),
         rotate=a.rotate, rotate_seed=a.rotation_seed, online_hadamard=a.online_hadamard,

@@ -113,6 +113,7 @@ class QuantConfig:
     fallback: str = "rtn"
     mse_clip: bool = False  # for RTN
     batch_size: int = 8  # calibration sequences per forward in the block loop
+    true_sequential: bool = True  # False: one statistics pass per block for all its linears (llm-compressor's way)
     batched_solve: bool = True  # solve equal-shaped linears (a layer's experts) in one batched GPTQ call
     agq: bool = False  # affinity-guided Hessians: each routed row weighted by its combine coefficient c
     agq_gate_proj: bool = True  # also weight the experts' gate_proj (MoEQuant Eq. 17 approximation)

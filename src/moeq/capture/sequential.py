@@ -168,7 +168,10 @@ def quantize_model(adapter: ModelAdapter, cfg: QuantConfig, calib: torch.Tensor 
         es = adapter.experts(i)
         if isinstance(es, ExpertSet):
             es.coverage_all = cfg.expert_coverage == "all" and cfg.needs_calibration
-        for names in adapter.groups(i):
+        groups = adapter.groups(i)
+        if not cfg.true_sequential:  # every linear sees the block's unquantized inputs: one pass, not one per group
+            groups = [[n for g in groups for n in g]]
+        for names in groups:
             gs = None
             if cfg.needs_calibration and cfg.solver == "gptq":  # RTN needs no Hessian
                 modules = {f"{adapter.block_name(i)}.{n}": get_submodule(block, n) for n in names}
