@@ -87,6 +87,7 @@ def main():
     ap.add_argument("--seqlen", type=int, default=512)
     ap.add_argument("--eval-limit", type=int, default=None, help="perplexity windows per set (default: all)")
     ap.add_argument("--skip-peer", action="store_true")
+    ap.add_argument("--suffix", default="", help="added to the results file name")
     args = ap.parse_args()
 
     base = load_model(args.model)
@@ -117,7 +118,7 @@ def main():
         s = f"{r['seconds']:8.1f}" if r["seconds"] else f"{'':>8}"
         ratio = f"{r['time_ratio_vs_peer']:6.2f}" if r.get("time_ratio_vs_peer") else ""
         print(f"{r['method']:<70} {r['bits']:>4} {r['wikitext2']:>10.3f} {r['c4']:>9.3f} {s} {ratio}")
-    out = Path(__file__).parent / "results" / f"peer_llmcompressor_{args.model}.json"
+    out = Path(__file__).parent / "results" / f"peer_llmcompressor_{args.model}{args.suffix}.json"
     out.parent.mkdir(exist_ok=True)
     import transformers
     env = {"torch": torch.__version__, "transformers": transformers.__version__,

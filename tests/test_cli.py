@@ -3,6 +3,7 @@
 import json
 
 import pytest
+import torch
 
 from moeq.cli import main
 
@@ -99,3 +100,25 @@ def test_models_lists_the_bundled_models(capsys):
     names = {r["name"] for r in rows}
     assert {"qwen2-moe-tiny", "mixtral-tiny"} <= names
     assert sum(r["default"] for r in rows) == 1
+
+
+@pytest.mark.parametrize("name", ["qwen2-moe-tiny", "mixtral-tiny"])
+def test_bundled_models_load_with_plain_transformers_and_meet_the_spec(name):
+    """Plain AutoModelForCausalLM loads them; <= 24 MiB; sizes multiples of 128 (g128 applies); >= 4 layers;
+    the card holds measured perplexities and no expert is starved."""
+    import transformers as T
+
+    from moeq.models.bundled import bundled_path
+
+    d = bundled_path(name)
+    m = T.AutoModelForCausalLM.from_pretrained(d)
+    cfg = m.config
+    assert cfg.num_hidden_layers >= 4 and cfg.hidden_size % 128 == 0
+    inter = getattr(cfg, "moe_intermediate_size", None) or cfg.intermediate_size
+    assert inter % 128 == 0
+    assert sum(f.stat().st_size for f in d.glob("*.safetensors")) <= 24 * 2**20
+    with torch.no_grad():
+        out = m(input_ids=torch.tensor([[1, 2, 3, 4]]))
+    assert torch.isfinite(out.logits).all()
+    card = (d / "MODEL_CARD.md").read_text()
+    assert "| wikitext2 |" in card and "| c4 |" in card and "No expert is starved" in card

@@ -131,3 +131,15 @@ def test_agq_hessian_equals_an_independent_computation(agq_gate):
         st = gs.stats[gs.owner(f"model.layers.0.mlp.shared_expert.{proj}")]
         want = x.T @ x if (proj == "gate_proj" and not agq_gate) else (x * cs[:, None]).T @ x
         torch.testing.assert_close(st.mean(), want / x.shape[0], rtol=1e-4, atol=1e-6)
+
+
+def test_no_repeat_ngram_bans_exactly_the_tokens_that_repeat_an_ngram():
+    from moeq.calib.ebss import EBSSConfig, _repeats
+
+    ids = torch.tensor([[5, 6, 7, 5, 6], [1, 2, 3, 4, 2]])
+    m = _repeats(ids, 3, 10)  # row 0 ends in (5, 6), seen before followed by 7; row 1 ends in (4, 2): new
+    assert m[0].nonzero().flatten().tolist() == [7] and not m[1].any()
+    m2 = _repeats(ids, 2, 10)  # bigrams: row 0 ends in 6 -> 7 banned; row 1 ends in 2 -> 3 banned
+    assert m2[0].nonzero().flatten().tolist() == [7] and m2[1].nonzero().flatten().tolist() == [3]
+    with pytest.raises(ValueError, match="no-repeat-ngram"):
+        EBSSConfig(no_repeat_ngram=1)

@@ -68,6 +68,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "text file or a .jsonl of input_ids rows (moeq calib ebss); moequant defaults to ebss")
     q.add_argument("--ebss-width", type=int, default=4, help="EBSS beam width (default 4)")
     q.add_argument("--ebss-tau", type=float, default=1.2, help="EBSS balance temperature (default 1.2)")
+    q.add_argument("--ebss-no-repeat-ngram", type=int, default=0,
+                   help="EBSS beams never repeat one of their n-grams (e.g. 3; default 0 = off, as in the paper)")
     q.add_argument("--agq", action=argparse.BooleanOptionalAction, default=None,
                    help="affinity-guided Hessians for routed and shared experts (default: on for moequant)")
     q.add_argument("--agq-gate-proj", action=argparse.BooleanOptionalAction, default=True,
@@ -138,6 +140,8 @@ def build_parser() -> argparse.ArgumentParser:
     ce.add_argument("--tau", type=float, default=1.2, help="balance temperature (default 1.2)")
     ce.add_argument("--seed", type=int, default=0)
     ce.add_argument("--batch", type=int, default=32, help="sequences generated together (x width rows)")
+    ce.add_argument("--no-repeat-ngram", type=int, default=0,
+                    help="a beam never repeats one of its n-grams (e.g. 3; default 0 = off, as in the paper)")
     ce.add_argument("--out", required=True, help="output .jsonl (input_ids, text, nll, balance_std per line)")
     ce.add_argument("--overwrite", action="store_true")
     _add_common(ce)
@@ -211,7 +215,7 @@ def cmd_quantize(a) -> int:
     cfg = QuantConfig(
         method=a.method,
         plan=_load_plan(a.plan) if a.plan else BitPlan(default=QuantArgs(a.bits, a.group_size, a.sym)),
-        calib=CalibSpec(a.calib, a.nsamples, a.seqlen, a.seed, a.ebss_width, a.ebss_tau),
+        calib=CalibSpec(a.calib, a.nsamples, a.seqlen, a.seed, a.ebss_width, a.ebss_tau, a.ebss_no_repeat_ngram),
         gptq=GPTQKnobs(a.blocksize, a.damp, a.act_order, a.mse_clip),
         expert_coverage=a.expert_coverage, true_sequential=a.true_sequential, min_tokens=a.min_tokens, fallback=a.fallback,
         mse_clip=a.mse_clip, batch_size=a.batch_size, agq=a.agq, agq_gate_proj=a.agq_gate_proj,
@@ -298,7 +302,7 @@ def cmd_calib(a) -> int:
         from .utils.fs import check_output
 
         check_output(a.out, a.overwrite)
-        cfg = EBSSConfig(a.num, a.length, a.width, a.tau, a.seed, a.batch)
+        cfg = EBSSConfig(a.num, a.length, a.width, a.tau, a.seed, a.batch, no_repeat_ngram=a.no_repeat_ngram)
         loaded = load_model(a.model, device=device, trust_remote_code=a.trust_remote_code)
         if fits_on_device(loaded.model, device):
             loaded.model.to(device)

@@ -30,6 +30,7 @@ class CalibSpec:
     seed: int = 0
     ebss_width: int = 4  # EBSS beam width
     ebss_tau: float = 1.2  # EBSS balance temperature
+    ebss_no_repeat_ngram: int = 0  # EBSS beams never repeat an n-gram (0 = off, the paper's search)
 
     def __post_init__(self):
         if self.nsamples < 1:

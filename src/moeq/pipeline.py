@@ -204,7 +204,8 @@ def make_calibration(model, tokenizer, model_path: str, cfg: QuantConfig, data_d
     seqlen = default_seqlen(model, cfg.calib.seqlen)
     c = cfg.calib
     if c.source == "ebss":
-        ecfg = EBSSConfig(num=c.nsamples, length=seqlen, width=c.ebss_width, tau=c.ebss_tau, seed=c.seed)
+        ecfg = EBSSConfig(num=c.nsamples, length=seqlen, width=c.ebss_width, tau=c.ebss_tau, seed=c.seed,
+                           no_repeat_ngram=c.ebss_no_repeat_ngram)
         ids, info = ebss_calibration(model, tokenizer, model_path, ecfg, device)
         notes = [f"EBSS set {'reused from' if info['reused'] else 'generated and cached at'} {info['cache']}"]
         return CalibSet(ids, "ebss", info["cache"], notes)

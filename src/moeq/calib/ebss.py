@@ -37,10 +37,13 @@ class EBSSConfig:
     seed: int = 0
     batch: int = 32  # sequences generated together (x width rows per forward)
     full_expansion: bool = False  # score every vocabulary token (slow; for checking the shortcut)
+    no_repeat_ngram: int = 0  # > 1: a beam never repeats one of its n-grams (0 = off, as in the paper)
 
     def __post_init__(self):
         if self.num < 1 or self.length < 2 or self.width < 1 or self.tau <= 0 or self.batch < 1:
             raise ValueError(f"invalid EBSS settings {self}: need num>=1, length>=2, width>=1, tau>0, batch>=1")
+        if self.no_repeat_ngram == 1 or self.no_repeat_ngram < 0:
+            raise ValueError(f"--ebss-no-repeat-ngram must be 0 (off) or >= 2, got {self.no_repeat_ngram}")
 
 
 def sequence_sigma(counts: torch.Tensor) -> torch.Tensor:
@@ -89,6 +92,16 @@ def _forbidden(tokenizer, vocab: int) -> torch.Tensor:
     return bad
 
 
+def _repeats(ids: torch.Tensor, n: int, vocab: int) -> torch.Tensor:
+    """Tokens that would complete an n-gram a row already contains: ids (B, l) -> mask (B, V)."""
+    grams = ids.unfold(1, n, 1)  # (B, l - n + 1, n)
+    hit = (grams[:, :, :-1] == ids[:, None, ids.shape[1] - (n - 1):]).all(-1)  # (B, l - n + 1)
+    rows, pos = hit.nonzero(as_tuple=True)
+    mask = torch.zeros(ids.shape[0], vocab, dtype=torch.bool, device=ids.device)
+    mask[rows, grams[rows, pos, -1]] = True
+    return mask
+
+
 @torch.inference_mode()
 def _generate_batch(model, tap: _RoutingTap, first: torch.Tensor, cfg: EBSSConfig, bad: torch.Tensor,
                     device, bar) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -113,6 +126,8 @@ def _generate_batch(model, tap: _RoutingTap, first: torch.Tensor, cfg: EBSSConfi
         logp = torch.log_softmax(out.logits[:, -1].float(), -1).double()  # (B, V)
         logp[:, bad] = float("-inf")
         l = t + 1  # current length; children have l + 1 tokens
+        if cfg.no_repeat_ngram and l >= cfg.no_repeat_ngram:
+            logp[_repeats(ids, cfg.no_repeat_ngram, logp.shape[1])] = float("-inf")
         if cfg.full_expansion:
             cand_lp, cand_tok = logp, None
         else:
@@ -186,7 +201,10 @@ def cache_path(model_path: str, cfg: EBSSConfig):
         st = f.stat()
         h.update(f"{f.name}:{st.st_size}:{int(st.st_mtime)}".encode())
     h.update(str(p.resolve() if p.exists() else model_path).encode())
-    h.update(json.dumps(asdict(cfg), sort_keys=True).encode())
+    settings = asdict(cfg)
+    if not settings["no_repeat_ngram"]:  # off: the key of sets made before the option existed
+        del settings["no_repeat_ngram"]
+    h.update(json.dumps(settings, sort_keys=True).encode())
     root = Path(os.environ.get("MOEQ_CACHE", Path.home() / ".cache" / "moeq")) / "ebss"
     return root / f"{p.name}-{h.hexdigest()[:16]}.jsonl"
 
