@@ -152,12 +152,6 @@ def build_model(arch: str, vocab_size: int, eos_id: int):
     return transformers.AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
 
 
-def transformers_auto():
-    import transformers
-
-    return transformers.AutoModelForCausalLM
-
-
 def balance_loss(router_logits, top_k: int) -> torch.Tensor:
     """Switch-style load-balancing loss E * sum_e f_e P_e computed *per layer* and averaged (1.0 when
     balanced). transformers' built-in aux loss pools all layers' logits together, which lets one layer
@@ -255,6 +249,7 @@ def main():
     val_docs = [docs[i] for i in order[:n_val]]
     train_docs = [docs[i] for i in order[n_val:]]
 
+    import transformers
     from transformers import AutoTokenizer
 
     if args.tokenizer:
@@ -270,7 +265,7 @@ def main():
 
     eos_id = tok.convert_tokens_to_ids(SPECIAL)
     if args.init:
-        model = transformers_auto().from_pretrained(args.init, dtype=torch.float32)
+        model = transformers.AutoModelForCausalLM.from_pretrained(args.init, dtype=torch.float32)
         model.config.output_router_logits = True
         model.config.router_aux_loss_coef = 0.0
         assert model.config.model_type == args.arch, f"--init is a {model.config.model_type}, not {args.arch}"

@@ -20,7 +20,7 @@ from typing import Callable
 
 import torch
 
-from ..quant.primitives import QuantArgs, group_view, qparams_from_range
+from ..quant.primitives import QuantArgs, fake_quantize, group_view, qparams_from_range
 
 
 def channel_mean(rows: list[torch.Tensor], weights: list[torch.Tensor | None] | None = None) -> torch.Tensor:
@@ -64,18 +64,12 @@ def search_scale(x_mean: torch.Tensor, weights: dict[str, torch.Tensor], args_of
         for name, W in weights.items():
             args = args_of(name)
             Ws = W.float() * s[None, :]  # (out, d)
-            W_hat[name] = (fake_quant(Ws, args, scale_dtype) if args is not None else Ws) / s[None, :]
+            W_hat[name] = (fake_quantize(Ws.float(), args, scale_dtype) if args is not None else Ws) / s[None, :]
         loss = float(loss_fn(W_hat))
         first = loss if first is None else first
         if loss < best:
             best, best_s, best_a = loss, s.clone(), alpha
     return best_s, {"alpha": best_a, "loss": best, "loss_alpha0": first}
-
-
-def fake_quant(W: torch.Tensor, args: QuantArgs, scale_dtype=None) -> torch.Tensor:
-    """Min-max fake quantization of W (out, in) on moeq's grid (what RTN exports), without expanding scales."""
-    Wg = group_view(W.float(), args)  # (out, G, gs)
-    return _clipped_fake_quant(Wg, Wg.amin(-1), Wg.amax(-1), 1.0, args, scale_dtype).reshape(W.shape)
 
 
 def row_hessian(X: torch.Tensor, c: torch.Tensor | None = None) -> torch.Tensor:
