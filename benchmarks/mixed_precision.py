@@ -10,8 +10,11 @@ against random baselines, and the bit-budget search, with a perplexity-vs-bits P
   frequent vs random experts; attention vs the same number of bits on random expert linears; first-K vs
   last-K vs random blocks; shared expert vs random experts of the same size; outlier scorer vs random
   linears; importance predictor vs random blocks.
-* Budget search: knapsack plans (and serving-compatible ones) at several average-bit budgets, with the
-  profile's predicted error (summed sensitivities) next to the measured perplexity.
+* Budget search: knapsack plans at exactly each heuristic's average bits (the like-for-like comparison),
+  and knapsack plans (and serving-compatible ones) at several average-bit budgets, with the profile's
+  predicted error (summed sensitivities) next to the measured perplexity.
+* Task accuracy (``--tasks``, default piqa and arc_easy, first ``--task-limit`` documents) on the ladder
+  and the matched-bits search cells.
 
 Every cell is GPTQ (g128, symmetric, WikiText-2 calibration) on one loaded model (deep copies), evaluated
 on WikiText-2 and C4 perplexity. Identical plans are quantized once. Results go to
@@ -79,7 +82,8 @@ class Bench:
         calib = make_calibration(self.loaded.model, self.loaded.tokenizer, self.loaded.path, self.cfg, None,
                                  self.device)
         opts = ProfileOptions(template=QuantArgs(4, a.group_size, True), batch_size=a.batch_size,
-                              predictor_cfg=PredictorConfig(max_tokens=a.predictor_tokens))
+                              predictor_cfg=PredictorConfig(max_tokens=a.predictor_tokens),
+                              block_gain=not a.no_block_gain)
         self.profile_dir = Path(a.out) / f"{name}_profile"
         self.profile_dir.mkdir(exist_ok=True)
         self.prof = profile_model(ModelAdapter.for_model(self.loaded.model), calib.ids, opts, self.cfg,
@@ -89,35 +93,53 @@ class Bench:
         self.prof.save(self.profile_dir)
         profile_plots(self.prof, self.profile_dir)
         self.fp = old.get("fp") or self._ppl(self.loaded.model, "FP")
+        if a.tasks and "tasks" not in self.fp:
+            self.fp["tasks"] = self._tasks(self.loaded.model)
         self.out = {"model": a.model, "args": vars(a), "fp": self.fp, "profile": str(self.profile_dir),
-                    "balance_std": self.prof.balance_std, "cells": self.cache, "ladder": [], "questions": [],
+                    "balance_std": self.prof.balance_std, "block_gain": self.prof.block_gain, "cells": self.cache,
+                    "ladder": [], "questions": [],
                     "search": []}
 
     def _ppl(self, model, label):
         r = evaluate_ppl(model, self.loaded.tokenizer, SETS, self.seqlen, None, self.windows, label, self.a.eval_limit)
         return {k: v["ppl"] for k, v in r.items()}
 
-    def cell(self, label: str, plan: BitPlan) -> dict:
+    def cell(self, label: str, plan: BitPlan, tasks: bool = False) -> dict:
+        """Quantize with ``plan`` (once per distinct plan) and measure perplexity (and, with ``tasks``, the
+        --tasks accuracies)."""
         mods = self.prof.modules
         bits = {r.name: plan.args_for(r.name).num_bits for r in mods}
         key = hashlib.sha1(json.dumps(sorted((n, str(plan.args_for(n))) for n in bits)).encode()).hexdigest()[:16]
-        if key not in self.cache:
+        want_tasks = tasks and bool(self.a.tasks) and "tasks" not in self.cache.get(key, {})
+        if key not in self.cache or want_tasks:
             q = quantize_loaded(self.loaded, replace(self.cfg, plan=plan), None, self.device)
             st = plan_stats(plan, mods)
-            self.cache[key] = {"avg_bits": st["avg_bits"], "avg_bits_with_overhead": st["avg_bits_with_overhead"],
-                               "serving_compatible": st["serving_compatible"], "expert_schemes": st["expert_schemes"],
-                               "predicted_error": predicted_error(self.prof, bits),
-                               **self._ppl(q.model, label)}
+            r = self.cache.get(key) or {
+                "avg_bits": st["avg_bits"], "avg_bits_with_overhead": st["avg_bits_with_overhead"],
+                "serving_compatible": st["serving_compatible"], "expert_schemes": st["expert_schemes"],
+                "predicted_error": predicted_error(self.prof, bits), **self._ppl(q.model, label)}
+            if want_tasks:
+                r["tasks"] = self._tasks(q.model)
+            self.cache[key] = r
             self.save()
-            r = self.cache[key]
-            print(f"{label:<40} {r['avg_bits']:.3f} bits  wiki2 {r['wikitext2']:.3f}  c4 {r['c4']:.3f}", flush=True)
+            acc = "".join(f"  {t} {v:.3f}" for t, v in r.get("tasks", {}).items())
+            print(f"{label:<40} {r['avg_bits']:.3f} bits  wiki2 {r['wikitext2']:.3f}  c4 {r['c4']:.3f}{acc}",
+                  flush=True)
+        self.cache[key]["predicted_error"] = predicted_error(self.prof, bits)  # this profile's (cells may be resumed)
         return {"label": label, "cell": key, **self.cache[key]}
 
-    def rules(self, label: str, **kw) -> dict:
-        return self.cell(label, build_plan(self.prof, PlanRules(group_size=self.a.group_size, **kw)))
+    def _tasks(self, model) -> dict[str, float]:
+        """Accuracy (acc_norm where the task has it, else acc) on each --tasks task, first --task-limit docs."""
+        from moeq.evaluate.lm_eval import run_tasks
+
+        res = run_tasks(model, self.loaded.tokenizer, self.a.tasks, self.a.task_limit)
+        return {t: m.get("acc_norm", m.get("acc")) for t, m in res.items()}
+
+    def rules(self, label: str, tasks: bool = False, **kw) -> dict:
+        return self.cell(label, build_plan(self.prof, PlanRules(group_size=self.a.group_size, **kw)), tasks)
 
     def uniform(self, bits: int) -> dict:
-        return self.cell(f"uniform {bits}-bit", BitPlan(default=QuantArgs(bits, self.a.group_size, True)))
+        return self.cell(f"uniform {bits}-bit", BitPlan(default=QuantArgs(bits, self.a.group_size, True)), True)
 
     def save(self):
         self.path.write_text(json.dumps(getattr(self, "out", {"cells": self.cache}), indent=2) + "\n")
@@ -137,15 +159,26 @@ def run(b: Bench) -> dict:
     out["settings"] = {"low_bits": lo, "high_bits": hi, "freq_k": K, "block_k": k_blk, "outlier_pct": a.outlier_pct,
                        "seeds": a.seeds, "shared_expert": has_shared}
 
-    ladder = [b.uniform(lo), b.uniform(3), b.uniform(4), b.rules("+Attn", bits=lo, attn_bits=hi)]
+    ladder = [b.uniform(lo), b.uniform(3), b.uniform(4), b.rules("+Attn", True, bits=lo, attn_bits=hi)]
     if has_shared:
-        ladder.append(b.rules("+Attn+Shared", **base))
-    ladder += [b.rules(f"{base_name}+Freq (top-{K})", **base, freq_top=sel(K)),
-               b.rules(f"{base_name}+FirstL ({k_blk})", **base, first_k=sel(k_blk)),
-               b.rules(f"{base_name}+LinearOSP ({a.outlier_pct:g}%)", **base, outlier_top=sel(a.outlier_pct)),
-               b.rules(f"{base_name}+LayerISP ({k_blk})", **base, importance_top=sel(k_blk)),
-               b.rules(f"{base_name}+Freq+FirstL", **base, freq_top=sel(K), first_k=sel(k_blk))]
+        ladder.append(b.rules("+Attn+Shared", True, **base))
+    ladder += [b.rules(f"{base_name}+Freq (top-{K})", True, **base, freq_top=sel(K)),
+               b.rules(f"{base_name}+FirstL ({k_blk})", True, **base, first_k=sel(k_blk)),
+               b.rules(f"{base_name}+LinearOSP ({a.outlier_pct:g}%)", True, **base, outlier_top=sel(a.outlier_pct)),
+               b.rules(f"{base_name}+LayerISP ({k_blk})", True, **base, importance_top=sel(k_blk)),
+               b.rules(f"{base_name}+Freq+FirstL", True, **base, freq_top=sel(K), first_k=sel(k_blk))]
     out["ladder"] = ladder
+
+    # the budget search at exactly each heuristic's average bits: the like-for-like comparison
+    out["matched"] = []
+    for h in ladder:
+        if h["label"].startswith("uniform"):
+            continue
+        res = search(prof, h["avg_bits"], "knapsack", False)
+        row = b.cell(f"search @ {h['label']}", res.plan, True)
+        row.update(budget=h["avg_bits"], heuristic=h["label"], exact=res.exact)
+        out["matched"].append(row)
+    b.save()
 
     def question(name, structured: list[dict], rand_kw: dict, base_kw: dict):
         rand = [b.rules(f"{name}: random seed {s}", **base_kw, **rand_kw, random_seed=s) for s in a.seeds]
@@ -196,11 +229,29 @@ def render(out: dict) -> str:
     lines = [f"# Mixed precision on {out['model']}", "",
              f"FP: WikiText-2 {fp['wikitext2']:.3f}, C4 {fp['c4']:.3f}; calibration expert-balance std "
              f"{out['balance_std']:.4f}; settings {json.dumps(out.get('settings', {}))}", "",
-             "## Ladder (paper Table 1)", "",
-             "| config | avg bits | with scales | WikiText-2 | C4 | serving-compatible |", "|---|---|---|---|---|---|"]
+             "## Ladder (paper Table 1)", ""]
+    tasks = list(fp.get("tasks", {}))
+    tl = out["args"].get("task_limit")
+    if tasks:
+        lines += [f"Task accuracy: acc_norm where the task has it, else acc; first {tl} documents of each task.", ""]
+    tcols = "".join(f" {t} |" for t in tasks)
+    lines += [f"| config | avg bits | with scales | WikiText-2 | C4 |{tcols} serving-compatible |",
+              "|---|---|---|---|---|" + "---|" * len(tasks) + "---|"]
+    accs = lambda r: "".join(f" {r.get('tasks', {}).get(t, float('nan')):.3f} |" for t in tasks)  # noqa: E731
+    lines.append(f"| FP16 | 16 | 16 | {fp['wikitext2']:.3f} | {fp['c4']:.3f} |{accs(fp)} yes |")
     for r in out["ladder"]:
         lines.append(f"| {r['label']} | {r['avg_bits']:.3f} | {r['avg_bits_with_overhead']:.3f} | {r['wikitext2']:.3f} "
-                     f"| {r['c4']:.3f} | {'yes' if r['serving_compatible'] else 'no'} |")
+                     f"| {r['c4']:.3f} |{accs(r)} {'yes' if r['serving_compatible'] else 'no'} |")
+    if out.get("matched"):
+        lines += ["", "## Budget search at each heuristic's average bits", "",
+                  f"| heuristic | avg bits | WikiText-2 | C4 |{tcols} search avg bits | search WikiText-2 | "
+                  f"search C4 |{tcols}",
+                  "|---|---|---|---|" + "---|" * len(tasks) + "---|---|---|" + "---|" * len(tasks)]
+        by = {r["label"]: r for r in out["ladder"]}
+        for m in out["matched"]:
+            h = by[m["heuristic"]]
+            lines.append(f"| {h['label']} | {h['avg_bits']:.3f} | {h['wikitext2']:.3f} | {h['c4']:.3f} |{accs(h)} "
+                         f"{m['avg_bits']:.3f} | {m['wikitext2']:.3f} | {m['c4']:.3f} |{accs(m)}")
     seeds = ", ".join(map(str, out["args"]["seeds"]))
     lines += ["", f"## Research questions (random: seeds {seeds}, mean ± std)", "",
               "| question | choice | avg bits | WikiText-2 | C4 |", "|---|---|---|---|---|"]
@@ -217,6 +268,18 @@ def render(out: dict) -> str:
     for r in out["search"]:
         lines.append(f"| {r['budget']:g} | {'yes' if r['serving'] else 'no'} | {r['avg_bits']:.3f} | "
                      f"{r['predicted_error']:.4g} | {r['wikitext2']:.3f} | {r['c4']:.3f} |")
+    gains = out.get("block_gain") or {}
+    if gains:
+        parts = list(dict.fromkeys(k.rpartition(":")[0] for k in gains))
+        widths = sorted({int(k.rpartition(":")[2]) for k in gains})
+        lines += ["", "Block gains: measured KL to FP (nats/token) with only that part at RTN w bits, and the gain "
+                  "(KL per unit of local error) the search multiplies sensitivities by", "",
+                  "| block:part |" + "".join(f" w={w} KL (gain) |" for w in widths), "|---|" + "---|" * len(widths)]
+        for p in parts:
+            lines.append(f"| {p} |" + "".join(f" {gains[f'{p}:{w}']['kl']:.2e} ({gains[f'{p}:{w}']['gain']:.3g}) |"
+                                              for w in widths))
+    else:
+        lines += ["", "Search on local errors only (no block gains)."]
     uni = {r["avg_bits"]: r for r in out["ladder"] if r["label"].startswith("uniform")}
     lines += ["", "Predicted error of the uniform plans: " + ", ".join(
         f"{b:g} bits {r['predicted_error']:.4g}" for b, r in sorted(uni.items()))]
@@ -230,7 +293,8 @@ def pareto(out: dict, path: Path) -> None:
     series = {"uniform": [(r["avg_bits"], r["wikitext2"], r["label"].split()[1]) for r in uni],
               "heuristics": [(r["avg_bits"], r["wikitext2"], r["label"].split(" (")[0].replace("+Attn+Shared", "AS"))
                              for r in heur],
-              "knapsack": [(r["avg_bits"], r["wikitext2"], "") for r in out["search"] if not r["serving"]],
+              "knapsack": [(r["avg_bits"], r["wikitext2"], "") for r in out["search"] + out.get("matched", [])
+                           if not r.get("serving")],
               "knapsack, serving-compatible": [(r["avg_bits"], r["wikitext2"], "") for r in out["search"]
                                                if r["serving"]]}
     pareto_plot(series, path, "WikiText-2 perplexity", f"{out['model']}: perplexity vs average bits")
@@ -254,6 +318,10 @@ def main():
     ap.add_argument("--seeds", type=int, nargs="+", default=[42, 43, 44])
     ap.add_argument("--budgets", type=float, nargs="+", default=[2.25, 2.5, 3.0, 3.5])
     ap.add_argument("--predictor-tokens", type=int, default=16384)
+    ap.add_argument("--no-block-gain", action="store_true", help="search on local errors only (the ablation)")
+    ap.add_argument("--tasks", type=lambda s: [t for t in s.split(",") if t], default=["piqa", "arc_easy"],
+                    help="comma-separated offline tasks scored on the ladder and matched-search cells ('' = none)")
+    ap.add_argument("--task-limit", type=int, default=200, help="first N documents of each task")
     ap.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda[:N]")
     ap.add_argument("--out", default=str(Path(__file__).parent / "results"))
     ap.add_argument("--tag", default="", help="suffix for the result files (e.g. quick)")

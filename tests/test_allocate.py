@@ -21,7 +21,7 @@ from moeq.cli import main
 from moeq.config import BitPlan, CalibSpec, QuantConfig
 from moeq.models.adapter import ModelAdapter
 from moeq.pipeline import quantize
-from moeq.quant.primitives import QuantArgs
+from moeq.quant.primitives import QuantArgs, fake_quantize
 from test_pipeline import IDS, reload_logits
 
 CALIB = torch.randint(0, 8192, (8, 32), generator=torch.Generator().manual_seed(3))
@@ -68,6 +68,41 @@ def test_profile_measures_usage_importance_and_monotone_sensitivity(prof, tmp_pa
     # JSON round trip keeps everything the planners read
     back = Profile.from_dict(json.loads(json.dumps(prof.to_dict())))
     assert back.sensitivity == prof.sensitivity and back.usage == prof.usage and back.modules == prof.modules
+
+
+def test_block_gains_calibrate_local_errors_to_the_measured_output_kl():
+    """Calibrated sensitivity = local sensitivity x its part's gain (then non-increasing in width), and gain x
+    local RTN error is the KL to the FP outputs measured independently (torch's kl_div) with only that part
+    quantized."""
+    m = tiny_model("qwen2_moe", seed=2)
+    ad = ModelAdapter.for_model(m)
+    base = ProfileOptions(template=QuantArgs(4, 32, True), batch_size=4, predictor=False, gain_samples=4)
+    with_gain = profile_model(ad, CALIB, base, QuantConfig(method="gptq"), torch.bfloat16)
+    local = profile_model(ad, CALIB, replace(base, block_gain=False), QuantConfig(method="gptq"), torch.bfloat16)
+    widths = (2, 3, 4, 8)
+    assert not local.block_gain and set(with_gain.block_gain) == {
+        f"{b}:{p}:{w}" for b in (0, 1) for p in ("attn", "ffn") for w in widths}
+    assert all(with_gain.block_gain[f"{b}:{p}:2"]["gain"] > 0 for b in (0, 1) for p in ("attn", "ffn"))
+    for r in with_gain.modules:
+        part = "attn" if r.role == "attn" else "ffn"
+        cal = [local.sensitivity[r.name][w] * with_gain.block_gain[f"{r.block}:{part}:{w}"]["gain"] for w in widths]
+        for k, w in enumerate(widths):  # calibrated, then non-increasing in width
+            assert with_gain.sensitivity[r.name][w] == pytest.approx(min(cal[:k + 1]), rel=1e-6, abs=1e-12)
+
+    ids = CALIB[:4]
+    with torch.no_grad():
+        fp = torch.log_softmax(m(input_ids=ids).logits.float(), -1)  # (4, T, V)
+        ad.unfuse()
+        names = [r.name for r in with_gain.modules if r.block == 1 and r.role != "attn"]
+        for n in names:
+            w = ad.module(n).weight
+            w.data.copy_(fake_quantize(w.data.float(), QuantArgs(2, 32, True), torch.bfloat16).to(w.dtype))
+        q = torch.log_softmax(m(input_ids=ids).logits.float(), -1)
+        kl = float(torch.nn.functional.kl_div(q.flatten(0, 1), fp.flatten(0, 1), log_target=True,
+                                              reduction="batchmean"))
+    info = with_gain.block_gain["1:ffn:2"]
+    assert info["kl"] == pytest.approx(kl, rel=1e-3) and info["kl"] > 0
+    assert info["gain"] * info["local_error"] == pytest.approx(info["kl"], rel=1e-9)
 
 
 def test_avg_bits_formula(prof):
@@ -258,6 +293,9 @@ def test_cli_profile_plan_quantize(tiny_ckpt, tmp_path, capsys):
     code, _, err = run(capsys, "plan", "--profile", tmp_path / "prof", "--out", tmp_path / "x.yaml", "--avg-bits", "3",
                        "--freq-top", "2")
     assert code == 2 and "drop the rule flags" in err
-    code, _, err = run(capsys, "quantize", tiny_ckpt("mixtral"), "--plan", tmp_path / "p.yaml", "--out",
+    wrong = load_plan(tmp_path / "p.yaml")  # a qwen2_moe plan naming the shared expert, applied to mixtral
+    wrong.overrides["model.layers.0.mlp.shared_expert.up_proj"] = QuantArgs(4, 32)
+    save_plan(wrong, tmp_path / "wrong.yaml")
+    code, _, err = run(capsys, "quantize", tiny_ckpt("mixtral"), "--plan", tmp_path / "wrong.yaml", "--out",
                        tmp_path / "q2", "--method", "rtn", "--skip-eval")
     assert code == 2 and "does not have" in err

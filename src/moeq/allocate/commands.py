@@ -52,6 +52,9 @@ def _add_calib_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--predictor-hidden", type=int, default=256, help="block-predictor hidden width (paper: 1024)")
     p.add_argument("--predictor-tokens", type=int, default=16384, help="tokens per block to train/score on")
     p.add_argument("--predictor-epochs", type=int, default=60)
+    p.add_argument("--no-block-gain", action="store_true",
+                   help="rank by local output error only (skip the forwards that calibrate it to the output KL)")
+    p.add_argument("--gain-samples", type=int, default=32, help="calibration sequences the block gains use")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output")
 
 

@@ -5,7 +5,8 @@ captured once, then per block one forward per calibration batch with hooks on *e
 block (nothing is quantized in this pass, so a single forward feeds all Hessians) and on the
 post-attention norm (the predictor's input). From it come expert usage (routed tokens per expert),
 the per-token cos(x, y) samples that train the block-importance predictor, and each linear's
-sensitivity at each candidate width (:mod:`.sensitivity`). Outlier scores come from the weights alone.
+sensitivity at each candidate width (:mod:`.sensitivity`), calibrated to the model's loss by per-block
+gains (:mod:`.gain`, a few extra forwards). Outlier scores come from the weights alone.
 
 A :class:`Profile` is plain data (JSON-serialisable) plus the saved predictors; plans are pure
 functions of it (:func:`moeq.allocate.plan.build_plan`, :func:`moeq.allocate.search.allocate`).
@@ -26,6 +27,7 @@ from ..evaluate.routing import balance_std
 from ..models.adapter import ModelAdapter, get_submodule
 from ..quant.primitives import QuantArgs
 from ..utils.progress import log
+from .gain import block_gains, part_key, rtn_local_error
 from .modules import ModuleRecord, inventory
 from .predictor import PredictorConfig, TokenSampler, save_predictors, token_cos, train_predictor
 from .scores import outlier_scores
@@ -51,7 +53,8 @@ class Profile:
     group_size: int = 128
     symmetric: bool = True
     solver: str | None = None
-    sensitivity: dict[str, dict[int, float]] = field(default_factory=dict)  # name -> bits -> loss per token
+    sensitivity: dict[str, dict[int, float]] = field(default_factory=dict)  # name -> bits -> error (see .gain)
+    block_gain: dict[str, dict] = field(default_factory=dict)  # "<block>:attn|ffn:<bits>" -> gain, kl, local_error
     seconds: dict = field(default_factory=dict)
 
     @property
@@ -108,6 +111,8 @@ class ProfileOptions:
     predictor: bool = True
     predictor_cfg: PredictorConfig = PredictorConfig()
     batch_size: int = 8
+    block_gain: bool = True  # calibrate sensitivities to the end-to-end KL (see .gain)
+    gain_samples: int = 32  # calibration sequences the gains are measured on
 
 
 @torch.no_grad()
@@ -120,6 +125,8 @@ def profile_model(adapter: ModelAdapter, calib: torch.Tensor, opts: ProfileOptio
         raise ValueError("the calibration set is empty: give --calib a source with text and --nsamples >= 1")
     for b in opts.candidates:
         QuantArgs(b, opts.template.group_size, opts.template.symmetric)  # validates each width
+    if opts.block_gain and opts.gain_samples < 1:
+        raise ValueError(f"--gain-samples must be >= 1, got {opts.gain_samples} (or pass --no-block-gain)")
     secs = {}
     t0 = time.perf_counter()
     was_unfused = adapter.is_unfused
@@ -139,6 +146,8 @@ def _profile(adapter, calib, opts, cfg, scale_dtype, device, model_name, calib_i
     total = int(calib.numel())
     pc = opts.predictor_cfg
     usage, sens, importance, predictors, cos_sum, samplers = {}, {}, {}, {}, {}, {}
+    with_gain = opts.sensitivity and opts.block_gain
+    rtn_err = {b: {} for b in opts.candidates}  # bits -> linear -> local RTN error
     gate = adapter.spec.moe.proj_names[0] if adapter.spec.moe else None
 
     def modules_of(i):
@@ -170,12 +179,27 @@ def _profile(adapter, calib, opts, cfg, scale_dtype, device, model_name, calib_i
             usage[i] = [tok.get(f"{base}.{e}.{gate}", 0) for e in range(adapter.num_experts)]
         if opts.sensitivity:
             weights = {n: m.weight.data for n, m in gs.modules.items()}
-            sens.update(candidate_losses(weights, gs, impact_hessians(gs, gw, records, total), records,
-                                         list(opts.candidates), opts.template, cfg, scale_dtype, device))
+            impact = impact_hessians(gs, gw, records, total)
+            sens.update(candidate_losses(weights, gs, impact, records, list(opts.candidates), opts.template, cfg,
+                                         scale_dtype, device))
+            for b in rtn_err if with_gain else ():
+                args = QuantArgs(b, opts.template.group_size, opts.template.symmetric)
+                rtn_err[b].update({n: rtn_local_error(W, impact[n], args, scale_dtype) for n, W in weights.items()})
 
     t = time.perf_counter()
     fp_block_pass(adapter, calib, device, opts.batch_size, modules_of, on_batch, on_block, weighted_of)
     secs["calibration_pass"] = time.perf_counter() - t
+    gains = {}
+    if with_gain:
+        t = time.perf_counter()
+        gains = block_gains(adapter, records, rtn_err, calib[:opts.gain_samples], opts.template, scale_dtype,
+                            opts.batch_size)
+        for n, per_bits in sens.items():  # calibrated, then kept non-increasing in width (more bits never cost more)
+            cal, best = {}, float("inf")
+            for b in sorted(per_bits):
+                best = cal[b] = min(best, per_bits[b] * gains[part_key(records[n], b)]["gain"])
+            sens[n] = cal
+        secs["block_gains"] = time.perf_counter() - t
     t = time.perf_counter()
     for i, sampler in samplers.items() if opts.predictor else ():
         X, tgt = sampler.data()
@@ -193,5 +217,5 @@ def _profile(adapter, calib, opts, cfg, scale_dtype, device, model_name, calib_i
                    calibration=calib_info, tokens=total, usage=usage, outlier=outlier, importance=importance,
                    candidates=list(opts.candidates) if opts.sensitivity else [],
                    group_size=opts.template.group_size, symmetric=opts.template.symmetric,
-                   solver=cfg.solver if opts.sensitivity else None, sensitivity=sens,
+                   solver=cfg.solver if opts.sensitivity else None, sensitivity=sens, block_gain=gains,
                    seconds={k: round(v, 3) for k, v in secs.items()})

@@ -40,6 +40,7 @@ def run_profile(loaded, cfg, a, device, predictor: bool, sensitivity: bool, pred
     calib = make_calibration(loaded.model, loaded.tokenizer, loaded.path, cfg, a.data_dir, device)
     opts = ProfileOptions(candidates=tuple(sorted(set(a.candidates))), template=QuantArgs(4, a.group_size, a.sym),
                           sensitivity=sensitivity, predictor=predictor, batch_size=a.batch_size,
+                          block_gain=not a.no_block_gain, gain_samples=a.gain_samples,
                           predictor_cfg=PredictorConfig(hidden=a.predictor_hidden, max_tokens=a.predictor_tokens,
                                                         epochs=a.predictor_epochs))
     return profile_model(ModelAdapter.for_model(loaded.model), calib.ids, opts, cfg, loaded.storage_dtype, device,
