@@ -122,3 +122,18 @@ def test_bundled_models_load_with_plain_transformers_and_meet_the_spec(name):
     assert torch.isfinite(out.logits).all()
     card = (d / "MODEL_CARD.md").read_text()
     assert "| wikitext2 |" in card and "| c4 |" in card and "No expert is starved" in card
+
+
+def test_calib_ebss_then_stats_measures_the_set_at_its_own_length(tiny_ckpt, tmp_path, capsys):
+    d = tiny_ckpt("qwen2_moe")
+    code, out, err = run(capsys, "calib", "ebss", d, "--num", "2", "--length", "12", "--width", "2",
+                         "--out", tmp_path / "e.jsonl")
+    assert code == 0, err
+    rows = [json.loads(line) for line in (tmp_path / "e.jsonl").read_text().splitlines()]
+    assert len(rows) == 2 and all(len(r["input_ids"]) == 12 for r in rows)
+    code, out, err = run(capsys, "calib", "stats", d, "--calib", tmp_path / "e.jsonl", "--json", tmp_path / "s.json")
+    assert code == 0, err  # no --seqlen needed: the token set is measured at its own length
+    s = json.loads((tmp_path / "s.json").read_text())
+    assert s["calib"]["seqlen"] == 12 and s["balance_std"] >= 0
+    top_k = 2  # the tiny qwen2_moe config routes every token to top_k experts in every MoE layer
+    assert all(sum(v["counts"]) == 2 * 12 * top_k for v in s["layers"].values())

@@ -149,7 +149,8 @@ def build_parser() -> argparse.ArgumentParser:
     cs.add_argument("model", nargs="?", default=None)
     cs.add_argument("--calib", required=True, help="wikitext2, c4, gsm8k, humaneval, or a .txt/.jsonl path")
     cs.add_argument("--nsamples", type=int, default=128)
-    cs.add_argument("--seqlen", type=int, default=None)
+    cs.add_argument("--seqlen", type=int, default=None,
+                    help="window length (default: a token-id .jsonl's own row length, else min(2048, context))")
     cs.add_argument("--seed", type=int, default=0)
     cs.add_argument("--json", default=None, help="write balance_std and per-layer counts here")
     _add_common(cs)
@@ -313,14 +314,14 @@ def cmd_calib(a) -> int:
               f"({stats['tokens_per_s']:.0f} tokens/s); mean NLL {nll:.3f}, mean per-sequence balance std "
               f"{sum(r['balance_std'] for r in rows) / len(rows):.4f}")
         return 0
-    from .calib.windows import calibration_windows
+    from .calib.windows import calibration_windows, token_rows_length
     from .evaluate.perplexity import default_seqlen
     from .evaluate.routing import expert_usage, usage_summary
     from .utils.fs import write_atomic
 
     loaded = load_model(a.model, device=device, trust_remote_code=a.trust_remote_code)
-    cs = calibration_windows(loaded.tokenizer, a.calib, a.nsamples, default_seqlen(loaded.model, a.seqlen), a.seed,
-                             a.data_dir)
+    seqlen = a.seqlen or token_rows_length(a.calib) or default_seqlen(loaded.model)  # a token set: its own length
+    cs = calibration_windows(loaded.tokenizer, a.calib, a.nsamples, seqlen, a.seed, a.data_dir)
     summary = usage_summary(expert_usage(loaded.model, cs.ids))
     print(f"{cs.source}: {cs.ids.shape[0]} x {cs.ids.shape[1]} tokens; expert-balance std {summary['balance_std']:.4f}")
     for i, r in summary["layers"].items():

@@ -44,6 +44,12 @@ def _token_rows(path: Path) -> list[list[int]] | None:
         return [json.loads(line)["input_ids"] for line in f if line.strip()]
 
 
+def token_rows_length(source: str) -> int | None:
+    """Length of the shortest row when ``source`` is a jsonl of token ids (``moeq calib ebss``); else None."""
+    rows = _token_rows(Path(source).expanduser())
+    return min(len(r) for r in rows) if rows else None
+
+
 def calibration_windows(tokenizer, source: str, nsamples: int, seqlen: int, seed: int = 0,
                         data_dir=None) -> CalibSet:
     if nsamples < 1:
