@@ -20,7 +20,8 @@ part at each width, and the predicted error of a plan reads in those units. (On 
 gains differ up to 10x between blocks and little between widths.)
 
 Cost: one forward of ``samples`` sequences per (block, part, width), i.e. 2 x blocks x widths model
-forwards on a small subset; it needs the whole model callable on one device. A (part, width) whose KL
+forwards on a small subset, plus one FP forward; it needs the whole model on one device (the profile skips
+gains for a model onloaded block by block). A (part, width) whose KL
 rounds to 0 gets the smallest positive gain of that width.
 """
 

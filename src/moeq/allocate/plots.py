@@ -93,7 +93,8 @@ def sensitivity_lines(profile, path: Path) -> str:
         ax.plot(profile.candidates, ys, marker="o", label=role)
     ax.set_yscale("log")
     ax.set_xlabel("bits")
-    ax.set_ylabel("summed sensitivity (error per token)")
+    ax.set_ylabel("summed sensitivity (predicted KL, nats/token)" if profile.block_gain
+                  else "summed sensitivity (error per token)")
     ax.legend(fontsize=8)
     return _save(fig, path)
 

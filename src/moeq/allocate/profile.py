@@ -147,6 +147,10 @@ def _profile(adapter, calib, opts, cfg, scale_dtype, device, model_name, calib_i
     pc = opts.predictor_cfg
     usage, sens, importance, predictors, cos_sum, samplers = {}, {}, {}, {}, {}, {}
     with_gain = opts.sensitivity and opts.block_gain
+    if with_gain and any(p.device.type != torch.device(device).type for p in adapter.model.parameters()):
+        log.warning("block gains need the whole model on %s (it is onloaded block by block); ranking by local "
+                    "errors only. Pass --no-block-gain to silence this.", device)
+        with_gain = False
     rtn_err = {b: {} for b in opts.candidates}  # bits -> linear -> local RTN error
     gate = adapter.spec.moe.proj_names[0] if adapter.spec.moe else None
 
