@@ -117,15 +117,17 @@ class Bench:
             r = self.cache.get(key) or {
                 "avg_bits": st["avg_bits"], "avg_bits_with_overhead": st["avg_bits_with_overhead"],
                 "serving_compatible": st["serving_compatible"], "expert_schemes": st["expert_schemes"],
-                "predicted_error": predicted_error(self.prof, bits), **self._ppl(q.model, label)}
+                **self._ppl(q.model, label)}
             if want_tasks:
                 r["tasks"] = self._tasks(q.model)
             self.cache[key] = r
+            r["predicted_error"] = predicted_error(self.prof, bits)
             self.save()
             acc = "".join(f"  {t} {v:.3f}" for t, v in r.get("tasks", {}).items())
             print(f"{label:<40} {r['avg_bits']:.3f} bits  wiki2 {r['wikitext2']:.3f}  c4 {r['c4']:.3f}{acc}",
                   flush=True)
-        self.cache[key]["predicted_error"] = predicted_error(self.prof, bits)  # this profile's (cells may be resumed)
+        else:  # a resumed cell: the prediction of this run's profile
+            self.cache[key]["predicted_error"] = predicted_error(self.prof, bits)
         return {"label": label, "cell": key, **self.cache[key]}
 
     def _tasks(self, model) -> dict[str, float]:

@@ -17,7 +17,7 @@ single parts at 3-4 bits came out of either sign on the bundled models. The cali
 linear at width w is gain[b, part, w] x its local sensitivity at w (then made non-increasing in w), so the
 search minimises a prediction of the output KL (nats per token) that matches the measured one for each
 part at each width, and the predicted error of a plan reads in those units. (On the bundled models the
-gains differ up to 10x between blocks and little between widths.)
+gains differ about 10x between blocks and little between widths.)
 
 Cost: one forward of ``samples`` sequences per (block, part, width), i.e. 2 x blocks x widths model
 forwards on a small subset, plus one FP forward; it needs the whole model on one device (the profile skips

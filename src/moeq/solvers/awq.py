@@ -64,7 +64,7 @@ def search_scale(x_mean: torch.Tensor, weights: dict[str, torch.Tensor], args_of
         for name, W in weights.items():
             args = args_of(name)
             Ws = W.float() * s[None, :]  # (out, d)
-            W_hat[name] = (fake_quantize(Ws.float(), args, scale_dtype) if args is not None else Ws) / s[None, :]
+            W_hat[name] = (fake_quantize(Ws, args, scale_dtype) if args is not None else Ws) / s[None, :]
         loss = float(loss_fn(W_hat))
         first = loss if first is None else first
         if loss < best:
