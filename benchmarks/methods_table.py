@@ -8,8 +8,9 @@ solvers).
 Table 2 (W4A4: 4-bit weights, 4-bit per-token activations, online Hadamard before every down
 projection, fake quant): FP, QuaRot+GPTQ, MoEQuant++.
 
-Each method runs with its preset (moeq.methods.PRESETS: calibration source, AGQ/affinity weighting,
-MSE clip, rotation) on a deep copy of one loaded model. Results go to
+Each method runs with its registry defaults (moeq.methods: calibration source, AGQ/affinity weighting,
+MSE clip, rotation; resolved inside the library exactly as for ``moeq quantize``) on a deep copy of one
+loaded model. Results go to
 benchmarks/results/methods_<model><suffix>.json (written after every cell) and a markdown rendering
 to the .md beside it, which is also printed.
 
@@ -33,9 +34,8 @@ from pathlib import Path
 
 os.environ.setdefault("MOEQ_QUIET", "1")
 
-from moeq.config import AWQKnobs, BitPlan, CalibSpec, GPTQKnobs, LWCKnobs, QuantConfig  # noqa: E402
+from moeq.config import AWQKnobs, BitPlan, CalibSpec, LWCKnobs, QuantConfig  # noqa: E402
 from moeq.evaluate.perplexity import default_seqlen, evaluate_ppl  # noqa: E402
-from moeq.methods import PRESETS  # noqa: E402
 from moeq.models.loading import load_model  # noqa: E402
 from moeq.pipeline import quantize_loaded  # noqa: E402
 from moeq.quant.act import ActQuantArgs  # noqa: E402
@@ -48,11 +48,10 @@ W4A4_ROWS = [("QuaRot+GPTQ", "quarot-gptq"), ("MoEQuant++", "moequant++")]
 
 
 def method_config(method: str, bits: int, args, act_bits: int | None = None) -> QuantConfig:
-    p = PRESETS[method]
+    """The method with its registry defaults (filled in by the library)."""
     return QuantConfig(
         method=method, plan=BitPlan(default=QuantArgs(bits, args.group_size, True)),
-        calib=CalibSpec(p["calib"], args.nsamples, args.seqlen, args.seed),
-        gptq=GPTQKnobs(mse_clip=p["mse_clip"]), mse_clip=p["mse_clip"], agq=p["agq"], rotate=p["rotate"],
+        calib=CalibSpec(None, args.nsamples, args.seqlen, args.seed),
         awq=AWQKnobs(), lwc=LWCKnobs(epochs=args.lwc_epochs), act=ActQuantArgs(act_bits) if act_bits else None)
 
 

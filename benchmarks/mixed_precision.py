@@ -96,7 +96,7 @@ class Bench:
         if a.tasks and "tasks" not in self.fp:
             self.fp["tasks"] = self._tasks(self.loaded.model)
         self.out = {"model": a.model, "args": vars(a), "fp": self.fp, "profile": str(self.profile_dir),
-                    "balance_std": self.prof.balance_std, "block_gain": self.prof.block_gain, "cells": self.cache,
+                    "balance_std": self.prof.balance_std, "block_gain": self.prof.to_dict()["block_gain"], "cells": self.cache,
                     "ladder": [], "questions": [],
                     "search": []}
 

@@ -9,9 +9,10 @@ import torch
 import transformers as T
 
 from conftest import ARCHS, _randomize, tiny_config, tiny_deepseek_moe
-from moeq.cli import build_parser, main, resolve_method_defaults
+from moeq.cli import build_parser, main
+from moeq.flags import quant_config
 from moeq.config import AWQKnobs, BitPlan, CalibSpec, LWCKnobs, QuantConfig
-from moeq.methods import PRESETS
+from moeq.methods import get_method, resolve_config
 from moeq.models.adapter import ModelAdapter
 from moeq.models.loading import Loaded, load_model
 from moeq.pipeline import quantize, quantize_loaded
@@ -23,15 +24,14 @@ from moeq.solvers.rtn import rtn
 from moeq.transforms.artifact import Transforms, apply_transforms
 from test_pipeline import IDS, reload_logits
 
-NEW = ["awq", "moequant+", "omniquant", "quarot-gptq", "moequant++"]
+NEW = ["awq", "moequant+", "lwc", "quarot-gptq", "moequant++"]
 # every new method once, on five architectures (llama runs W4A4 below; the full matrix is the slow CLI test)
-PAIRS = [("deepseek_v3", "awq"), ("qwen2_moe", "moequant+"), ("mixtral", "omniquant"), ("olmoe", "quarot-gptq"),
+PAIRS = [("deepseek_v3", "awq"), ("qwen2_moe", "moequant+"), ("mixtral", "lwc"), ("olmoe", "quarot-gptq"),
          ("qwen3_moe", "moequant++")]
 
 
 def cfg(method, calib="wikitext2", **kw):
-    p = PRESETS[method]
-    kw = {"agq": p["agq"], "mse_clip": p["mse_clip"], "rotate": p["rotate"], **kw}
+    """The method's registry defaults (resolved by the library), small search grids, wikitext2 calibration."""
     return QuantConfig(method=method, plan=BitPlan(default=QuantArgs(4, 32, True)), calib=CalibSpec(calib, 2, 32),
                        awq=AWQKnobs(grid=4, clip_grid=5), lwc=LWCKnobs(epochs=2), **kw)
 
@@ -62,19 +62,19 @@ def _replayed_weights(ckpt, tr: Transforms, names, args):
 
 @pytest.mark.parametrize("arch,method", PAIRS, ids=[f"{a}-{m}" for a, m in PAIRS])
 def test_method_exports_reload_with_identical_logits(arch, method, tiny_ckpt, tied_ckpt, tmp_path):
-    ckpt = tied_ckpt(arch) if PRESETS[method]["rotate"] else tiny_ckpt(arch)
+    ckpt = tied_ckpt(arch) if get_method(method).rotate else tiny_ckpt(arch)
     rep, m = quantize(str(ckpt), cfg(method), tmp_path / "o", skip_eval=True, return_model=True)
     with torch.no_grad():
         ours = m(input_ids=IDS).logits
     torch.testing.assert_close(reload_logits(tmp_path / "o"), ours, rtol=1e-4, atol=1e-4)
     tr = Transforms.load(tmp_path / "o" / "transforms.safetensors")
     saved = json.loads((tmp_path / "o" / "config.json").read_text())
-    if PRESETS[method]["rotate"]:
+    if get_method(method).rotate:
         assert tr.rotation is not None and rep["transforms"]["rotation"]["kind"] == "hadamard"
         assert saved["tie_word_embeddings"] is False  # rotated embeddings and head differ: exported untied
         assert any("untied" in n for n in rep["notes"])
-    if method in ("awq", "moequant+", "omniquant"):
-        assert tr.clips and (method == "omniquant" or tr.smooth)
+    if method in ("awq", "moequant+", "lwc"):
+        assert tr.clips and (method == "lwc" or tr.smooth)
         ad = ModelAdapter.for_model(m).unfuse()
         want = _replayed_weights(ckpt, tr, [r["name"] for r in rep["modules"]], QuantArgs(4, 32, True))
         for n, W in want.items():
@@ -100,13 +100,14 @@ def test_remote_code_layout_runs_affinity_awq(tokenizer):
 @pytest.mark.parametrize("method,calib,agq,rotate", [("awq", "wikitext2", False, False), ("omniquant", "wikitext2", False, False),
                                                     ("moequant+", "ebss", True, False), ("quarot-gptq", "wikitext2", False, True),
                                                     ("moequant++", "ebss", True, True)])
-def test_cli_method_presets(method, calib, agq, rotate):
-    a = build_parser().parse_args(["quantize", "--out", "x", "--method", method])
-    resolve_method_defaults(a)
-    assert (a.calib, a.agq, a.rotate) == (calib, agq, rotate)
-    a = build_parser().parse_args(["quantize", "--out", "x", "--method", method, "--calib", "c4", "--no-agq"])
-    resolve_method_defaults(a)
-    assert (a.calib, a.agq) == ("c4", False)  # explicit flags win
+def test_cli_flags_resolve_to_the_method_defaults(method, calib, agq, rotate):
+    c, _ = resolve_config(quant_config(build_parser().parse_args(["quantize", "--out", "x", "--method", method])))
+    assert (c.calib.source, c.agq, c.rotate) == (calib, agq, rotate)
+    c, _ = resolve_config(quant_config(build_parser().parse_args(
+        ["quantize", "--out", "x", "--method", method, "--calib", "c4", "--no-agq"])))
+    assert (c.calib.source, c.agq) == ("c4", False)  # explicit flags win
+    dense, notes = resolve_config(QuantConfig(method=method), is_moe=False)
+    assert dense.calib.source == "wikitext2" and (calib != "ebss" or notes)  # no experts to balance: no EBSS
 
 
 def test_cli_runs_and_w4a4_is_fake_quant_only(tiny_ckpt, tmp_path, capsys):

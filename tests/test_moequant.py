@@ -8,8 +8,7 @@ import torch
 from conftest import tiny_model
 from moeq.calib.ebss import EBSSConfig, generate, sequence_sigma
 from moeq.capture.hooks import capture_first_block_inputs, block_output
-from moeq.capture.sequential import _routing_parents, row_weight_fn, shared_expert_routing
-from moeq.capture.stats import GroupStats
+from moeq.capture.stats import GroupStats, row_weight_fn
 from moeq.evaluate.routing import balance_std
 from moeq.models.adapter import ModelAdapter, routing_weights
 
@@ -110,11 +109,11 @@ def test_agq_hessian_equals_an_independent_computation(agq_gate):
     # moeq: the gate/up group of block 0 with AGQ
     names = ad.groups(0)[2]
     mods = {f"model.layers.0.{n}": ad.module(f"model.layers.0.{n}") for n in names}
-    weight_fn = row_weight_fn(_routing_parents(ad, 0), True, () if agq_gate else ("gate_proj",))
-    gs = GroupStats(mods, "cpu", weight_fn)
-    with gs, shared_expert_routing(ad, 0):
-        gs.new_forward()
-        block_output(block, hidden, kw, "cpu")
+    with ad.routing(0) as r:
+        gs = GroupStats(mods, "cpu", row_weight_fn(r, True, () if agq_gate else ("gate_proj",)))
+        with gs:
+            gs.new_forward()
+            block_output(block, hidden, kw, "cpu")
     for e in range(ad.num_experts):
         rows, slot = (idx == e).nonzero(as_tuple=True)
         c = w[rows, slot]

@@ -6,6 +6,7 @@ HumanEval sandbox, and one end-to-end ``run_tasks`` call."""
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -43,8 +44,8 @@ def one_thread():
 
 @pytest.fixture(scope="module")
 def lm_mod():
-    ME._offline()
-    return pytest.importorskip("lm_eval")
+    with ME.offline():
+        return pytest.importorskip("lm_eval")
 
 
 @pytest.fixture(scope="module")
@@ -169,7 +170,8 @@ def _harness_task(rel: str, name: str, splits: dict[str, list[dict]]):
     names = {cfg.get(f"{s}_split") for s in ("training", "validation", "test", "fewshot")} - {None}
     data = {n: datasets.Dataset.from_list(splits.get(n, splits["test"])) for n in names}
     cfg.update(task=f"harness_{name}", custom_dataset=lambda **_: data)
-    return ConfigurableTask(config=cfg)
+    with ME.offline():
+        return ConfigurableTask(config=cfg)
 
 
 def _requests(task, doc, ctx):
@@ -276,3 +278,65 @@ def test_run_tasks_end_to_end(lm_mod, bundled):
     assert {"exact_match", "exact_match,flexible-extract"} <= set(res["gsm8k"])
     # 512-token context: 8 exemplars do not fit next to the 256-token generation budget, fewer are used
     assert 0 < res["gsm8k"]["num_fewshot_used"] < 8
+
+
+# --------------------------------------------------------------------------- environment
+def _offline_constants():
+    import datasets.config
+    import huggingface_hub.constants
+
+    return huggingface_hub.constants.HF_HUB_OFFLINE, datasets.config.HF_HUB_OFFLINE, datasets.config.HF_DATASETS_OFFLINE
+
+
+@pytest.fixture
+def online(monkeypatch):
+    """An online caller: offline variables unset (or "0") and the libraries' offline constants False."""
+    import datasets.config  # imported first: their import-time side effects are not ours
+    import huggingface_hub.constants
+
+    for var in [*ME.OFFLINE_ENV, "DISABLE_MULTIPROC", "MOEQ_TEST_SET_INSIDE"]:
+        monkeypatch.delenv(var, raising=False)  # the "was unset" case ...
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")  # ... and a set value
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    for attr in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"):
+        monkeypatch.setattr(datasets.config, attr, False)
+
+
+def test_offline_scope_restores_the_environment_exactly(online):
+    consts, env = _offline_constants(), dict(os.environ)
+    with pytest.raises(RuntimeError), ME.offline():
+        assert all(os.environ[v] == "1" for v in ME.OFFLINE_ENV) and _offline_constants() == (True, True, True)
+        os.environ["MOEQ_TEST_SET_INSIDE"] = "1"  # like lm_eval's import-time os.environ.setdefault
+        raise RuntimeError
+    assert dict(os.environ) == env and _offline_constants() == consts
+
+
+def test_task_run_leaves_environment_and_wikitext_calibration_unchanged(lm_mod, bundled, online, monkeypatch):
+    """Offline only while tasks run: afterwards WikiText-2 calibration still takes the hub's train split
+    (a leaked HF_HUB_OFFLINE=1 silently switched it to validation)."""
+    import moeq.calib.sources as S
+
+    hub, inside, real_configs = [], [], ME.task_configs
+
+    def fake_hub(name, split):  # records every hub attempt
+        hub.append(split)
+        return ["hub text"], "hf://fake"
+
+    def spy_configs(*args):  # records the offline state while a task is built
+        inside.append((os.environ["HF_HUB_OFFLINE"], _offline_constants()))
+        return real_configs(*args)
+
+    monkeypatch.setattr(S, "_hub_reachable", lambda: True)
+    monkeypatch.setattr(S, "_hub_docs", fake_hub)
+    monkeypatch.setattr(ME, "task_configs", spy_configs)
+
+    def calib():
+        src = S.load_text("wikitext2", purpose="calib")
+        return src.split, src.notes, src.origin
+
+    consts, before, env = _offline_constants(), calib(), dict(os.environ)
+    res = ME.run_tasks(bundled.model, bundled.tokenizer, ["copa"], limit=2)
+    assert res["copa"]["n_samples"] == 2
+    assert inside == [("1", (True, True, True))]  # offline while the task was built
+    assert dict(os.environ) == env and _offline_constants() == consts
+    assert calib() == before == ("train", [], "hf://fake") and hub == ["train", "train"]

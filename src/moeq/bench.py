@@ -20,23 +20,22 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from .methods import PRESETS as METHOD_PRESETS
-from .config import BitPlan, CalibSpec, GPTQKnobs, QuantConfig
+from .config import BitPlan, CalibSpec, QuantConfig
+from .methods import get_method, method_names
 from .models.loading import load_model
 from .pipeline import EvalSpec, evaluate, quantize_loaded
 from .quant.primitives import QuantArgs
 from .utils.fs import write_atomic
 from .utils.progress import log
 
-# every `moeq quantize --method` with its preset (moeq.methods.PRESETS), plus bench-only ablation variants
+# every `moeq quantize --method` (the registry, moeq.methods), plus bench-only ablation variants
 VARIANTS = {"gptq-agq": ("gptq", {"agq": True})}
-BENCH_METHODS = (*METHOD_PRESETS, *VARIANTS)
+BENCH_METHODS = (*method_names(), *VARIANTS)
 
 
-def preset(method: str) -> tuple[str, dict]:
-    """-> (the QuantConfig method, its preset: calib, agq, mse_clip, rotate)."""
-    base, over = VARIANTS.get(method, (method, {}))
-    return base, {**METHOD_PRESETS[base], **over}
+def variant(method: str) -> tuple[str, dict]:
+    """-> (the registered method, QuantConfig overrides of this bench variant)."""
+    return VARIANTS.get(method, (method, {}))
 
 
 @dataclass
@@ -75,18 +74,18 @@ class Grid:
         out = [{"method": "fp", "bits": 16, "calib": None}]
         for method in self.methods:
             for bits in self.bits:
-                fixed = preset(method)[1]["calib"] == "ebss"  # EBSS methods bring their own calibration set
-                cals = ["ebss"] if fixed else (self.calib if method != "rtn" else [None])
+                m = get_method(variant(method)[0])
+                fixed = m.calib == "ebss"  # EBSS methods bring their own calibration set
+                cals = ["ebss"] if fixed else (self.calib if m.calib is not None else [None])
                 out += [{"method": method, "bits": bits, "calib": c} for c in cals]
         return out
 
 
 def _quant_config(grid: Grid, cell: dict) -> QuantConfig:
-    method, p = preset(cell["method"])
+    """The cell's config; the library fills in the method's defaults (calibration, AGQ, MSE clip, rotation)."""
+    method, over = variant(cell["method"])
     return QuantConfig(method=method, plan=BitPlan(default=QuantArgs(cell["bits"], grid.group_size, True)),
-                       calib=CalibSpec(cell["calib"] or "wikitext2", grid.nsamples, grid.seqlen, grid.seed),
-                       gptq=GPTQKnobs(mse_clip=p["mse_clip"]), agq=p["agq"], mse_clip=p["mse_clip"],
-                       rotate=p["rotate"])
+                       calib=CalibSpec(cell["calib"], grid.nsamples, grid.seqlen, grid.seed), **over)
 
 
 def cell_key(grid: Grid, cell: dict) -> str:

@@ -1,7 +1,10 @@
 """Typed configuration of a quantization run. Validation only: no policy, no side effects.
 
 A :class:`QuantConfig` is what ``moeq quantize`` builds from its flags (and what the Python API
-takes). Per-module bit widths come from a :class:`BitPlan` (uniform when none is given).
+takes). Fields left at ``None`` take the method's defaults: :func:`moeq.methods.resolve_config` fills
+them from the method registry, inside the library, so the API and the CLI run exactly the same thing.
+Per-module bit widths come from a :class:`BitPlan` (uniform when none is given), resolved once per run
+to {module name: QuantArgs} by :meth:`BitPlan.resolve`.
 """
 
 from __future__ import annotations
@@ -12,10 +15,6 @@ from dataclasses import asdict, dataclass, field
 from .quant.act import ActQuantArgs
 from .quant.primitives import QuantArgs
 
-# moequant = EBSS + AGQ + GPTQ; awq = AWQ scales + clip + RTN; omniquant = learnable weight clipping + RTN;
-# quarot-gptq = rotation + GPTQ; moequant+ = affinity-weighted AWQ + EBSS; moequant++ = rotation + AGQ-GPTQ + EBSS
-METHODS = ("rtn", "gptq", "moequant", "awq", "omniquant", "quarot-gptq", "moequant+", "moequant++")
-RTN_GRID_METHODS = ("rtn", "awq", "omniquant", "moequant+")  # searched clips/scales, then round to nearest
 COVERAGE = ("routed", "all")
 FALLBACKS = ("rtn", "avg-hessian")
 
@@ -24,7 +23,7 @@ FALLBACKS = ("rtn", "avg-hessian")
 class CalibSpec:
     """Which text calibrates, and how much of it."""
 
-    source: str = "wikitext2"  # named source, "ebss" (self-generated), or a .txt/.jsonl path
+    source: str | None = None  # named source, "ebss" (self-generated) or a text file; None: the method's default
     nsamples: int = 128
     seqlen: int | None = None  # None: min(2048, model context)
     seed: int = 0
@@ -44,7 +43,6 @@ class GPTQKnobs:
     blocksize: int = 128
     damp: float = 0.01  # relative to mean(diag H); raised x10 automatically if Cholesky fails
     act_order: bool = False  # with static groups
-    mse_clip: bool = False
 
     def __post_init__(self):
         if not 0 < self.damp < 1:
@@ -95,6 +93,10 @@ class BitPlan:
                 return a
         return self.default
 
+    def resolve(self, names) -> dict[str, QuantArgs | None]:
+        """{module name: QuantArgs or None (full precision)} for every name, resolved once per run."""
+        return {n: self.args_for(n) for n in names}
+
     def label(self) -> str:
         """The default grid's label (w4g128), or mixed(w2g128/w4g128/fp) when rules or overrides differ."""
         schemes = {self.default} | {a for _, a in self.rules} | set(self.overrides.values())
@@ -105,29 +107,30 @@ class BitPlan:
 
 @dataclass(frozen=True)
 class QuantConfig:
-    method: str = "rtn"
+    method: str = "rtn"  # a name (or alias) of moeq.methods.METHODS
     plan: BitPlan = field(default_factory=BitPlan)
     calib: CalibSpec = field(default_factory=CalibSpec)
     gptq: GPTQKnobs = field(default_factory=GPTQKnobs)
     expert_coverage: str = "routed"  # "all": every token through every expert, for statistics only
     min_tokens: int = 8  # experts with fewer calibration tokens use the fallback
     fallback: str = "rtn"
-    mse_clip: bool = False  # for RTN
+    mse_clip: bool | None = None  # MSE-searched clip of every grid (RTN and GPTQ); None: the method's default
     batch_size: int = 8  # calibration sequences per forward in the block loop
     true_sequential: bool = True  # False: one statistics pass per block for all its linears (llm-compressor's way)
     batched_solve: bool = True  # solve equal-shaped linears (a layer's experts) in one batched GPTQ call
-    agq: bool = False  # affinity-guided Hessians: each routed row weighted by its combine coefficient c
+    agq: bool | None = None  # affinity-guided Hessians (each routed row weighted by its combine coefficient c)
     agq_gate_proj: bool = True  # also weight the experts' gate_proj (MoEQuant Eq. 17 approximation)
     awq: AWQKnobs = field(default_factory=AWQKnobs)  # with agq, AWQ statistics and losses are affinity-weighted
     lwc: LWCKnobs = field(default_factory=LWCKnobs)
-    rotate: bool = False  # QuaRot: fuse norms, rotate the residual stream by a random Hadamard
+    rotate: bool | None = None  # QuaRot: fuse norms, rotate the residual stream by a random Hadamard
     rotate_seed: int = 0
     act: ActQuantArgs | None = None  # activation fake quantization of every quantized linear's input (W*A*)
     online_hadamard: bool = True  # with act: online Hadamard before every down projection
 
     def __post_init__(self):
-        if self.method not in METHODS:
-            raise ValueError(f"unknown method {self.method!r}; choose from {', '.join(METHODS)}")
+        from .methods import get_method
+
+        get_method(self.method)  # a clear error for unknown names
         if self.expert_coverage not in COVERAGE:
             raise ValueError(f"--expert-coverage must be one of {COVERAGE}, got {self.expert_coverage!r}")
         if self.fallback not in FALLBACKS:
@@ -136,18 +139,9 @@ class QuantConfig:
             raise ValueError("--min-tokens must be >= 0")
 
     @property
-    def needs_calibration(self) -> bool:
-        return self.method != "rtn"
-
-    @property
-    def solver(self) -> str:
-        """The per-linear solver: RTN (after any AWQ/LWC search), or GPTQ."""
-        return "rtn" if self.method in RTN_GRID_METHODS else "gptq"
-
-    @property
-    def search(self) -> str | None:
-        """The block-wise search run before the solver: "awq", "lwc" or None."""
-        return {"awq": "awq", "moequant+": "awq", "omniquant": "lwc"}.get(self.method)
+    def resolved(self) -> bool:
+        """Whether every method default has been filled in (``moeq.methods.resolve_config``)."""
+        return None not in (self.agq, self.mse_clip, self.rotate, self.calib.source)
 
     def to_dict(self) -> dict:
         d = asdict(self)

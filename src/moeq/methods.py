@@ -1,117 +1,126 @@
-"""What each ``--method`` adds around the one block loop: transforms before, a block stage inside,
-activation quantization after. ``pipeline.quantize_loaded`` calls :func:`before_loop` and
-:func:`after_loop`; nothing here branches on the architecture.
+"""The method registry: every ``--method`` as one declaration, shared by the library, CLI, plan and bench.
 
-| method      | before the loop                     | block stage           | solver | calibration |
-|-------------|-------------------------------------|-----------------------|--------|-------------|
-| rtn / gptq  | -                                   | -                     | RTN / GPTQ | - / wikitext2 |
-| moequant    | -                                   | -                     | GPTQ + AGQ | EBSS |
-| awq         | -                                   | AWQ scales + clips    | RTN    | wikitext2 |
-| moequant+   | -                                   | affinity-weighted AWQ | RTN    | EBSS |
-| omniquant   | -                                   | LWC (learned clips)   | RTN    | wikitext2 |
-| quarot-gptq | norm fusion + random Hadamard       | -                     | GPTQ   | wikitext2 |
-| moequant++  | norm fusion + random Hadamard       | -                     | GPTQ + AGQ | EBSS |
+A :class:`Method` names the stages it composes around the one block loop: a function-preserving
+transform before (``rotate``: norm fusion + random Hadamard of the residual stream), a block search
+(``search``: "awq" or "lwc", :data:`SEARCHES`), the per-linear solver (``solver``: a name in
+:data:`moeq.solvers.registry.SOLVERS`) and its defaults (calibration source, AGQ/affinity weighting,
+MSE clip). :func:`resolve_config` fills every field a :class:`~moeq.config.QuantConfig` leaves at
+``None`` from these defaults; ``moeq.quantize`` calls it, so the Python API, ``moeq quantize``,
+``moeq plan --measure`` and ``moeq bench`` run the same thing for the same method. Adding a method is
+one :func:`register_method` call (plus :func:`~moeq.solvers.registry.register_solver` for a new solver).
 
-With ``--act-bits`` every quantized linear's input is fake-quantized per token after the loop, and
-(default) an online Hadamard runs before every down projection (its H folded into the weight first).
+| method      | transform | search                | solver | calibration | paper |
+|-------------|-----------|-----------------------|--------|-------------|-------|
+| rtn         | -         | -                     | RTN    | none        | - |
+| gptq        | -         | -                     | GPTQ   | wikitext2   | Frantar et al. 2023 |
+| moequant    | -         | -                     | GPTQ + AGQ, MSE clip | EBSS | Hu et al. 2025 |
+| awq         | -         | AWQ scales + clips    | RTN    | wikitext2   | Lin et al. 2024 |
+| moequant+   | -         | affinity-weighted AWQ | RTN    | EBSS        | Hu et al. 2025 |
+| lwc         | -         | learnable clipping    | RTN    | wikitext2   | Shao et al. 2024 (LWC only) |
+| quarot-gptq | rotation  | -                     | GPTQ, MSE clip | wikitext2 | Ashkboos et al. 2024 |
+| moequant++  | rotation  | -                     | GPTQ + AGQ, MSE clip | EBSS | Hu et al. 2025 |
+
+``omniquant`` is an alias of ``lwc``: OmniQuant's learnable weight clipping without its learnable
+equivalent transformation (LET); reports say so.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, replace
 
-import torch
-
-from .capture.awq_stage import AWQStage
-from .capture.lwc_stage import LWCStage
 from .config import QuantConfig
-from .models.adapter import ModelAdapter
-from .quant.act import attach_act_quant
-from .transforms.artifact import Transforms
-from .transforms.rotate import fold_online_hadamard, online_hadamard_targets, rotate_model
 
 
-# Each method's defaults, from its paper/code (explicit CLI flags win): calibration source, affinity weighting
-# (AGQ Hessians, or AWQ statistics/losses for moequant+), GPTQ/RTN MSE clip search (QuaRot's and MoEQuant's
-# --w_clip), residual rotation.
-PRESETS: dict[str, dict] = {
-    "rtn": dict(calib="wikitext2", agq=False, mse_clip=False, rotate=False),
-    "gptq": dict(calib="wikitext2", agq=False, mse_clip=False, rotate=False),
-    "moequant": dict(calib="ebss", agq=True, mse_clip=True, rotate=False),
-    "awq": dict(calib="wikitext2", agq=False, mse_clip=False, rotate=False),
-    "moequant+": dict(calib="ebss", agq=True, mse_clip=False, rotate=False),
-    "omniquant": dict(calib="wikitext2", agq=False, mse_clip=False, rotate=False),
-    "quarot-gptq": dict(calib="wikitext2", agq=False, mse_clip=True, rotate=True),
-    "moequant++": dict(calib="ebss", agq=True, mse_clip=True, rotate=True),
-}
+@dataclass(frozen=True)
+class Method:
+    name: str
+    summary: str  # one line: what it does
+    paper: str
+    solver: str = "gptq"  # moeq.solvers.registry name
+    calib: str | None = "wikitext2"  # default calibration source; None: data-free
+    search: str | None = None  # block search: a key of SEARCHES
+    agq: bool = False  # affinity-weighted statistics (AGQ Hessians; AWQ statistics/losses for awq)
+    mse_clip: bool = False
+    rotate: bool = False
+    exports: tuple[str, ...] = ("compressed-tensors",)
+    aliases: tuple[str, ...] = ()
+    note: str | None = None  # added to every report of the method
+
+    def describe(self) -> str:
+        extra = f" (alias: {', '.join(self.aliases)})" if self.aliases else ""
+        return (f"{self.name}{extra}: {self.summary}; calibration {self.calib or 'none'}; exports "
+                f"{', '.join(self.exports)}; {self.paper}")
 
 
-@dataclass
-class MethodRun:
-    transforms: Transforms = field(default_factory=Transforms)
-    stage: object | None = None  # the block loop's per-block search
-    hooks: list = field(default_factory=list)  # online Hadamard / activation quantization hooks
-    notes: list[str] = field(default_factory=list)
-
-    @property
-    def needs_expert_view(self) -> bool:
-        """Hooks sit on per-expert linears: the experts must not be re-fused."""
-        return bool(self.hooks)
+METHODS: dict[str, Method] = {}
+ALIASES: dict[str, str] = {}
+SEARCHES = ("awq", "lwc")  # implemented by moeq.capture.awq_stage / lwc_stage
 
 
-def export_blocker(cfg: QuantConfig) -> str | None:
-    """Why a checkpoint of this configuration would not run correctly elsewhere, or None."""
-    if cfg.act is None:
-        return None
-    if cfg.online_hadamard:
-        return ("no checkpoint written: the weights hold W_down H for the online Hadamard before every down "
-                "projection, which neither compressed-tensors' quantization_config nor transformers can apply at "
-                "run time, so the checkpoint would compute wrong outputs; this run is a fake-quant evaluation "
-                "(transforms.safetensors keeps the rotations). Use --no-online-hadamard for an exportable W*A* run")
-    if cfg.act.compressed_tensors_args() is None:
-        return (f"no checkpoint written: activation clip ratio {cfg.act.clip_ratio} has no compressed-tensors field; "
-                "use --act-clip 1 for an exportable run")
-    return None
+def register_method(m: Method) -> Method:
+    if m.search is not None and m.search not in SEARCHES:
+        raise ValueError(f"method {m.name}: unknown search {m.search!r}; choose from {', '.join(SEARCHES)}")
+    METHODS[m.name] = m
+    ALIASES.update({a: m.name for a in m.aliases})
+    return m
 
 
-def before_loop(adapter: ModelAdapter, cfg: QuantConfig, storage_dtype=None) -> MethodRun:
-    """Apply the method's up-front transforms (experts in the per-expert view) and build its block stage."""
-    run = MethodRun()
-    tr = run.transforms
-    if cfg.rotate:
-        r = rotate_model(adapter, cfg.rotate_seed)
-        tr.rotation, tr.value_heads = r["rotation"], r["value_heads"]
-        if r["untied"]:
-            run.notes.append("lm_head untied from the embeddings by the rotation (tie_word_embeddings=false)")
-        if r["rotation"].kind != "hadamard":
-            run.notes.append(f"hidden size {r['rotation'].n} has no Hadamard construction: random orthogonal rotation")
-    if cfg.act is not None and cfg.online_hadamard:
-        tr.online_linears = online_hadamard_targets(adapter)
-        _, run.hooks = fold_online_hadamard(adapter, tr.online_linears)
-    if cfg.search == "awq":
-        run.stage = AWQStage(cfg, storage_dtype, skip_next=set(tr.online_linears))
-    elif cfg.search == "lwc":
-        run.stage = LWCStage(cfg)
-    return run
+def get_method(name: str) -> Method:
+    key = ALIASES.get(name, name)
+    if key not in METHODS:
+        raise ValueError(f"unknown method {name!r}; choose from {', '.join(method_names())} (see `moeq methods`)")
+    return METHODS[key]
 
 
-@torch.no_grad()
-def after_loop(adapter: ModelAdapter, cfg: QuantConfig, run: MethodRun, quantized: list[str],
-               storage_dtype: torch.dtype | None) -> None:
-    """Collect the stage's results into the artefact, round transformed full-precision tensors to the
-    checkpoint dtype (so the export holds exactly the in-memory model) and attach activation quantization."""
-    tr = run.transforms
-    if run.stage is not None:
-        tr.smooth = list(getattr(run.stage, "scales", []))
-        tr.clips = dict(run.stage.clips)
-    if tr and storage_dtype is not None:
-        for p in adapter.model.parameters():
-            if p.is_floating_point() and p.dtype != storage_dtype:
-                p.data = p.data.to(storage_dtype).to(p.dtype)
-    if cfg.act is not None:
-        run.hooks += attach_act_quant({n: adapter.module(n) for n in quantized}, cfg.act)
-        run.notes.append(f"activations fake-quantized per token ({cfg.act.label()}) on the inputs of "
-                         f"{len(quantized)} linears; routers and lm_head read full-precision inputs")
-    blocker = export_blocker(cfg)
-    if blocker:
-        run.notes.append(blocker)
+def method_names() -> list[str]:
+    """Every accepted --method value: registered names, then aliases."""
+    return list(METHODS) + list(ALIASES)
+
+
+def resolve_config(cfg: QuantConfig, is_moe: bool = True) -> tuple[QuantConfig, list[str]]:
+    """``cfg`` with the method's canonical name and every ``None`` default filled in; -> (cfg, notes).
+
+    Explicit fields always win. A dense model has no experts to balance, so an EBSS default falls back
+    to wikitext2 (an explicit ``calib.source="ebss"`` still fails later, with a clear message)."""
+    m = get_method(cfg.method)
+    notes = [m.note] if m.note else []
+    source = cfg.calib.source
+    if source is None:
+        source = m.calib or "wikitext2"
+        if source == "ebss" and not is_moe:
+            source = "wikitext2"
+            notes.append(f"{m.name}: the model has no MoE layers, so EBSS does not apply; calibrated on wikitext2")
+    out = replace(cfg, method=m.name, calib=replace(cfg.calib, source=source),
+                  agq=m.agq if cfg.agq is None else cfg.agq,
+                  mse_clip=m.mse_clip if cfg.mse_clip is None else cfg.mse_clip,
+                  rotate=m.rotate if cfg.rotate is None else cfg.rotate)
+    return out, notes
+
+
+def needs_calibration(cfg: QuantConfig) -> bool:
+    """Whether the run reads calibration data: a solver with statistics, or a block search."""
+    from .solvers.registry import get_solver
+
+    m = get_method(cfg.method)
+    return get_solver(m.solver).needs_hessian or m.search is not None
+
+
+_OMNI = "OmniQuant's learnable weight clipping only (no learnable equivalent transformation, LET)"
+for _m in (
+    Method("rtn", "round to nearest, min-max scales", "-", solver="rtn", calib=None),
+    Method("gptq", "GPTQ, experts batched per layer", "Frantar et al., ICLR 2023"),
+    Method("moequant", "GPTQ with affinity-guided Hessians (AGQ) and MSE clip on an EBSS self-sampled set",
+           "MoEQuant, Hu et al. 2025", calib="ebss", agq=True, mse_clip=True),
+    Method("awq", "activation-aware scales (router compensated) + clip search, then RTN", "AWQ, Lin et al., MLSys 2024",
+           solver="rtn", search="awq"),
+    Method("moequant+", "affinity-weighted AWQ on an EBSS set, then RTN", "MoEQuant, Hu et al. 2025", solver="rtn",
+           calib="ebss", search="awq", agq=True),
+    Method("lwc", "learnable weight clipping trained per block against its FP output, then RTN",
+           "OmniQuant (LWC only), Shao et al., ICLR 2024", solver="rtn", search="lwc", aliases=("omniquant",),
+           note=f"lwc (alias omniquant): {_OMNI}"),
+    Method("quarot-gptq", "QuaRot rotation (norm fusion + random Hadamard) then GPTQ with MSE clip",
+           "QuaRot, Ashkboos et al., NeurIPS 2024", mse_clip=True, rotate=True),
+    Method("moequant++", "rotation + AGQ-GPTQ with MSE clip on an EBSS set", "MoEQuant, Hu et al. 2025",
+           calib="ebss", agq=True, mse_clip=True, rotate=True),
+):
+    register_method(_m)

@@ -1,13 +1,21 @@
 """The whole flow of ``moeq quantize``, top to bottom; it calls stage functions and holds no algorithm.
 
-load -> bind the architecture -> (FP perplexity) -> per-expert view -> calibration windows ->
-block loop (solve every linear) -> export compressed-tensors -> (quantized perplexity) -> report.
-The output folder is assembled in a temporary sibling and renamed into place at the end.
+open the checkpoint (config only) -> resolve the method (registry) -> resident or streamed ->
+(FP evaluation) -> calibration ids -> the one block loop: every block is read from the shards,
+transformed, searched, solved, written out and checkpointed, then freed -> head -> shards, config,
+report -> (quantized evaluation) -> the output folder renamed into place.
+
+*Resident*: when the quantized model is wanted in memory afterwards (evaluation, ``return_model``,
+W*A* fake quant) and fits ``max_memory``, every block stays in memory (the FP model is evaluated first).
+*Streamed*: otherwise blocks are freed as soon as they are written, and perplexity is computed block
+by block (:mod:`moeq.evaluate.streamed`); peak memory is then about one block plus the activations.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import signal
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,37 +23,40 @@ from pathlib import Path
 import torch
 
 from . import __version__
-from .calib.ebss import EBSSConfig, ebss_calibration
-from .calib.windows import CalibSet, calibration_windows
-from .capture.sequential import LoopResult, quantize_model
-from .methods import MethodRun, after_loop, before_loop, export_blocker
+from .calib.windows import CalibSet
+from .calib.make import make_calibration, run_calibration
+from .capture.activations import Activations
+from .capture.quantize import MethodRun, export_blocker
+from .capture.solve import default_budget
 from .config import QuantConfig
 from .evaluate.perplexity import default_seqlen, evaluate_ppl
-from .evaluate.report import SCHEMA_VERSION, bit_stats, dumps
-from .export.compressed_tensors import bf16_size_bytes, save_checkpoint
+from .evaluate.report import build_report, dumps
+from .export.compressed_tensors import bf16_size_bytes, write_config
+from .export.partial import PartialRun, model_fingerprint
+from .export.writer import PartWriter
+from .methods import needs_calibration, resolve_config
 from .models.adapter import ModelAdapter
-from .models.loading import Loaded, load_model
+from .models.lazy import CheckpointSource, ResidentSource, module_bytes
+from .models.loading import Loaded, compute_dtype, load_tokenizer, open_checkpoint
+from .quant.primitives import QuantArgs
 from .utils.device import fits_on_device, peak_memory_mb, resolve_device
-from .utils.fs import atomic_dir, check_output
+from .utils.fs import check_output
+from .utils.memory import fmt_bytes, free_bytes
 from .utils.progress import log
+from .stream import LoopResult, embeddings_and_inputs, head, placement, quantize_blocks, resumed_transforms
 
 
-def check_plan(adapter: ModelAdapter, cfg: QuantConfig) -> None:
-    """Fail before any heavy work when a planned grid does not fit a linear or the plan names modules
-    the model lacks; warn when fused serving kernels could not run the plan."""
-    from .allocate.modules import plan_warnings
+@dataclass(frozen=True)
+class RunOptions:
+    """How a run uses memory and disk. None of these change a result."""
 
-    linears = adapter.linears()
-    for li in linears:
-        args = cfg.plan.args_for(li.name)
-        if args is not None:
-            args.check_width(adapter.module(li.name).in_features, li.name)
-    unknown = sorted(set(cfg.plan.overrides) - {li.name for li in linears})
-    if unknown:
-        raise ValueError(f"the plan names {len(unknown)} linears this model does not have (e.g. {unknown[0]}); "
-                         "was it made for another model? Rebuild it with `moeq plan MODEL`")
-    for msg in plan_warnings(cfg.plan, adapter) if cfg.plan.overrides or cfg.plan.rules else []:
-        log.warning(msg)
+    max_memory: int | None = None  # bytes the whole model may take to stay in memory; None: half the free RAM
+    offload_activations: str = "auto"  # auto | device | cpu | disk
+    max_solve_memory: int | None = None  # bytes for one group's statistics + batched solve (capture.solve default)
+    max_shard_size: int = 5 * 10**9
+    resume: bool = False
+    kill_after_block: int | None = None  # test hook: send this process ``kill_signal`` once block N is checkpointed
+    kill_signal: int = signal.SIGKILL
 
 
 @dataclass(frozen=True)
@@ -62,8 +73,25 @@ class EvalSpec:
     fidelity: bool = False  # routing fidelity + KL against the FP model (keeps an FP copy)
 
 
+def check_plan(adapter: ModelAdapter, cfg: QuantConfig) -> None:
+    """Fail before any heavy work when a planned grid does not fit a linear or the plan names modules
+    the model lacks; warn when fused serving kernels could not run the plan."""
+    from .allocate.modules import plan_warnings
+
+    linears = adapter.linears()
+    for li, args in zip(linears, cfg.plan.resolve([li.name for li in linears]).values()):
+        if args is not None:
+            args.check_width(adapter.module(li.name).in_features, li.name)
+    unknown = sorted(set(cfg.plan.overrides) - {li.name for li in linears})
+    if unknown:
+        raise ValueError(f"the plan names {len(unknown)} linears this model does not have (e.g. {unknown[0]}); "
+                         "was it made for another model? Rebuild it with `moeq plan MODEL`")
+    for msg in plan_warnings(cfg.plan, adapter) if cfg.plan.overrides or cfg.plan.rules else []:
+        log.warning(msg)
+
+
 def evaluate(model, tokenizer, ev: EvalSpec, data_dir=None, windows: dict | None = None, label: str = "") -> dict:
-    """Perplexities and task metrics of one model: {"wikitext2": {...}, ..., "tasks": {...}}."""
+    """Perplexities and task metrics of one in-memory model: {"wikitext2": {...}, ..., "tasks": {...}}."""
     out = evaluate_ppl(model, tokenizer, ev.ppl, ev.seqlen, data_dir, windows, label=label, limit=ev.ppl_limit)
     if ev.tasks:
         from .evaluate.lm_eval import run_tasks
@@ -73,103 +101,9 @@ def evaluate(model, tokenizer, ev: EvalSpec, data_dir=None, windows: dict | None
     return out
 
 
-def quantize(model: str | None, cfg: QuantConfig, out: str | Path | None, *, device: str = "auto",
-             evals: EvalSpec = EvalSpec(), skip_eval: bool = False, overwrite: bool = False, data_dir=None,
-             trust_remote_code: bool = False, return_model: bool = False):
-    """Quantize ``model`` with ``cfg``; write the checkpoint and report.json to ``out``.
-
-    Returns the report, or (report, in-memory quantized model) with ``return_model``."""
-    t_start = time.perf_counter()
-    if out is not None:
-        check_output(out, overwrite)
-    device = resolve_device(device)
-    secs = {"load": 0.0, "calibration": 0.0, "quantize": 0.0, "evaluate": 0.0, "export": 0.0}
-
-    t = time.perf_counter()
-    loaded = load_model(model, device=device, trust_remote_code=trust_remote_code)
-    m, tok = loaded.model, loaded.tokenizer
-    adapter = ModelAdapter.for_model(m)
-    adapter.unfuse()
-    check_plan(adapter, cfg)
-    adapter.refuse()
-    secs["load"] = time.perf_counter() - t
-    if fits_on_device(m, device):
-        m.to(device)  # otherwise blocks are onloaded one at a time by the block loop
-
-    metrics, windows = {}, {}
-    if not skip_eval:
-        t = time.perf_counter()
-        metrics["fp"] = evaluate(m, tok, evals, data_dir, windows, label="FP")
-        secs["evaluate"] += time.perf_counter() - t
-
-    fp_copy = copy.deepcopy(m) if evals.fidelity and not skip_eval else None
-    q = quantize_loaded(loaded, cfg, data_dir, device, copy_model=False)
-    calib, loop = q.calib, q.loop
-    secs["calibration"], secs["quantize"] = q.seconds["calibration"], q.seconds["quantize"]
-
-    rows = sorted(loop.rows.values(), key=lambda r: _natural(r["name"]))
-    report = {
-        "schema_version": SCHEMA_VERSION,
-        "moeq_version": __version__,
-        "model": {"name": model or Path(loaded.path).name, "path": loaded.path, "model_type": m.config.model_type,
-                  "architecture": type(m).__name__, "params": adapter.param_count(),
-                  "num_experts": adapter.num_experts, "top_k": adapter.top_k},
-        "method": cfg.method,
-        "quant_label": cfg.plan.label(),
-        "quant": cfg.to_dict(),
-        "calibration": calib.describe() if calib is not None else None,
-        **bit_stats(rows),
-        "modules": rows,
-        "fallbacks": [{"name": r["name"], "policy": r["fallback"], "tokens": r["tokens"]}
-                      for r in rows if r.get("fallback")],
-        "expert_tokens": {str(k): v for k, v in loop.expert_tokens.items()},
-        "full_precision": adapter.full_precision_modules(),
-        "metrics": metrics,
-        "notes": (list(calib.notes) if calib is not None else []) + q.method.notes,
-        "transforms": q.method.transforms.describe(),
-        "device": device,
-    }
-
-    def finish(tmp: Path | None):
-        t = time.perf_counter()
-        if tmp is not None and q.method.transforms:
-            q.method.transforms.save(tmp / "transforms.safetensors")  # re-appliable search results
-        if tmp is not None and export_blocker(cfg) is None:
-            adapter.unfuse()  # export reads the per-expert view
-            info = save_checkpoint(adapter, loop.results, tmp, loaded.storage_dtype, tok, act=cfg.act)
-            report["size"] = {"checkpoint_bytes": info["bytes"], "bf16_bytes": bf16_size_bytes(adapter),
-                              "files": info["files"]}
-            if not q.method.needs_expert_view:
-                adapter.refuse()  # the model's own (fused) forward for evaluation
-        secs["export"] = time.perf_counter() - t
-        if not skip_eval:
-            t = time.perf_counter()
-            metrics["quantized"] = evaluate(m, tok, evals, data_dir, windows, label=cfg.plan.label())
-            if fp_copy is not None:
-                from .evaluate.fidelity import compare
-                from .evaluate.perplexity import wikitext2_windows
-
-                w = wikitext2_windows(tok, default_seqlen(m, evals.seqlen), data_dir).ids[: evals.ppl_limit or 64]
-                metrics["fidelity"] = compare(fp_copy, m, w)
-            secs["evaluate"] += time.perf_counter() - t
-        secs["total"] = time.perf_counter() - t_start
-        report["seconds"] = {k: round(v, 3) for k, v in secs.items()}
-        report["peak_memory_mb"] = peak_memory_mb()
-        if tmp is not None:
-            (tmp / "report.json").write_text(dumps(report))
-
-    if out is None:
-        finish(None)
-    else:
-        with atomic_dir(out, overwrite) as tmp:
-            finish(tmp)
-        log.info("wrote %s", out)
-    return (report, m) if return_model else report
-
-
 @dataclass
 class Quantized:
-    """An in-memory quantized model (experts re-fused) and what the block loop recorded."""
+    """An in-memory quantized model and what the block loop recorded."""
 
     model: torch.nn.Module
     adapter: ModelAdapter
@@ -179,37 +113,212 @@ class Quantized:
     method: MethodRun | None = None  # transforms artefact, hooks (W*A*), notes
 
 
+# ---------------------------------------------------------------------------------------------- quantize
+def quantize(model: str | None, cfg: QuantConfig, out: str | Path | None, *, device: str = "auto",
+             evals: EvalSpec = EvalSpec(), skip_eval: bool = False, overwrite: bool = False, data_dir=None,
+             trust_remote_code: bool = False, return_model: bool = False, options: RunOptions = RunOptions()):
+    """Quantize ``model`` with ``cfg``; write the checkpoint and report.json to ``out``.
+
+    Returns the report, or (report, in-memory quantized model) with ``return_model``."""
+    t_start = time.perf_counter()
+    secs = {"load": 0.0, "calibration": 0.0, "quantize": 0.0, "evaluate": 0.0, "export": 0.0}
+    out_path = check_output(out, overwrite and not options.resume) if out is not None else None
+    device = resolve_device(device)
+    info = open_checkpoint(model, trust_remote_code)
+    if out_path is not None and Path(info.path).resolve() in (out_path.resolve(), *out_path.resolve().parents):
+        raise ValueError(f"--out {out} would replace the model being quantized ({info.path}); choose another folder")
+    cfg, method_notes = resolve_config(cfg, is_moe=info.spec.moe is not None)
+    dtype = compute_dtype(device, info.storage_dtype)
+    t = time.perf_counter()
+    source = CheckpointSource(info.path, info.config, dtype, info.storage_dtype, device, trust_remote_code)
+    adapter = source.adapter
+    check_plan(adapter, cfg)
+    tokenizer = load_tokenizer(info.path, trust_remote_code)
+    secs["load"] += time.perf_counter() - t
+    wanted = not skip_eval or return_model or cfg.act is not None
+    size, budget = module_bytes(source.model, dtype), options.max_memory or free_bytes("cpu") // 2
+    resident = wanted and size <= budget
+    if wanted and not resident:
+        _refuse_streamed(evals, skip_eval, return_model, cfg, size, budget, out_path is not None)
+    log.info("model: %s in %s; %s", fmt_bytes(size), str(dtype).replace("torch.", ""),
+             "kept in memory" if resident else "streamed block by block from its shards")
+
+    fingerprint = {"moeq": __version__, "model": model_fingerprint(info.path), "quant": cfg.to_dict()}
+    partial = PartialRun(out_path, fingerprint, options.resume, overwrite) if out_path is not None else None
+    with partial if partial is not None else contextlib.nullcontext():
+        start = partial.resumed_from or 0 if partial is not None else 0
+        if start and cfg.act is not None:
+            raise ValueError("a W*A* fake-quant run cannot resume (its evaluation needs every block in memory); "
+                             "pass --overwrite to start over")
+        state = partial.state if partial is not None else {}
+        model_obj = None
+        if resident:
+            t = time.perf_counter()
+            model_obj = source.load_all()
+            if fits_on_device(model_obj, device):
+                model_obj.to(device)  # otherwise blocks are onloaded one at a time by the loop
+            secs["load"] += time.perf_counter() - t
+        metrics, windows = {}, {}
+        if not skip_eval:
+            t = time.perf_counter()
+            metrics["fp"] = state.get("fp_metrics") or _evaluate(model_obj, source, tokenizer, evals, data_dir,
+                                                                 windows, "FP", options, partial)
+            if partial is not None:
+                partial.commit(fp_metrics=metrics["fp"], num_blocks=adapter.num_blocks)
+            secs["evaluate"] += time.perf_counter() - t
+        fp_copy = copy.deepcopy(model_obj) if evals.fidelity and not skip_eval else None
+
+        def whole_model():  # EBSS generation needs the whole model, once, before the streamed loop
+            if size > budget:
+                raise ValueError(
+                    f"EBSS makes the model write its calibration set, which needs the whole model in memory "
+                    f"({fmt_bytes(size)}, more than the budget of {fmt_bytes(budget)}): generate the set where it fits "
+                    "(`moeq calib ebss MODEL --out set.jsonl`) and pass it with --calib set.jsonl")
+            return model_obj or CheckpointSource(info.path, info.config, dtype, info.storage_dtype, device,
+                                                 trust_remote_code).load_all()
+        t = time.perf_counter()
+        calib = run_calibration(partial, whole_model, source.model, tokenizer, info.path, cfg, data_dir, device) \
+            if needs_calibration(cfg) else None
+        secs["calibration"] = time.perf_counter() - t
+
+        t = time.perf_counter()
+        run = MethodRun(adapter, cfg, info.storage_dtype, options.max_solve_memory)
+        run.notes += method_notes
+        loop = LoopResult()
+        writer = PartWriter(partial.dir, options.max_shard_size) if partial is not None else None
+        loop_source = ResidentSource(model_obj, device) if resident else source
+        acts = None
+        if start:
+            resumed_transforms(partial, run, start)
+            loop.rows = state.get("rows", {})
+            loop.expert_tokens = {int(k): v for k, v in state.get("expert_tokens", {}).items()}
+            run.notes = state.get("notes", run.notes)
+            writer.drop({"embed"} | {f"block-{i:05d}" for i in range(start)})
+            if calib is not None:
+                acts = Activations.load(partial.acts_dir, state["acts_gen"], placement(options, partial), device)
+            log.info("resuming %s after block %d of %d", out, start, adapter.num_blocks)
+        else:
+            if partial is not None:
+                partial.commit(num_blocks=adapter.num_blocks)
+            acts = embeddings_and_inputs(source, run, calib, cfg, writer, options, partial, device, resident)
+        quantize_blocks(loop_source, run, acts, loop, keep=resident, start=start, writer=writer, partial=partial,
+                        options=options, keep_results=writer is None)
+        head(source, run, writer, resident)
+        if resident and not run.hooks:
+            adapter.refuse()  # the model's own (fused) forward for evaluation
+        run.attach_act_quant(list(loop.rows) if resident else [])
+        secs["quantize"] = time.perf_counter() - t
+
+        rows = sorted(loop.rows.values(), key=lambda r: _natural(r["name"]))
+        report = build_report(model or Path(info.path).name, info, source.model, adapter, cfg, calib, rows, loop,
+                              metrics, run, device)
+        report["memory"] = {"mode": "resident" if resident else "streamed", "model_bytes": size, "budget_bytes": budget,
+                            "activations": acts.placement if acts is not None else None,
+                            "activation_bytes": acts.nbytes if acts is not None else 0,
+                            "max_solve_memory": options.max_solve_memory or default_budget(device),
+                            "max_shard_size": options.max_shard_size, "resumed_from_block": start or None}
+        blocker = export_blocker(cfg)
+        if blocker:
+            report["notes"].append(blocker)
+        if partial is not None:
+            t = time.perf_counter()
+            if run.transforms:
+                run.transforms.save(partial.dir / "transforms.safetensors")  # re-appliable search results
+            if blocker is None:
+                files = writer.finish(["embed"] + [f"block-{i:05d}" for i in range(adapter.num_blocks)] + ["head"])
+                schemes = {r["name"]: QuantArgs(r["bits"], r["group_size"], r["symmetric"]) for r in rows}
+                write_config(partial.dir, adapter, schemes, info.storage_dtype, cfg.act, tokenizer, info.path)
+                report["size"] = {"checkpoint_bytes": files["bytes"], "bf16_bytes": bf16_size_bytes(adapter),
+                                  "files": files["files"]}
+            else:
+                writer.finish([])
+            secs["export"] = time.perf_counter() - t
+        if resident and start:  # blocks an earlier process finished are only on disk: read the result back
+            model_obj = CheckpointSource(str(partial.dir), _reloaded_config(partial.dir, trust_remote_code), dtype,
+                                         info.storage_dtype, "cpu", trust_remote_code).load_all()
+        if not skip_eval:
+            t = time.perf_counter()
+            qmodel = model_obj
+            qsource = None if resident else CheckpointSource(str(partial.dir), _reloaded_config(
+                partial.dir, trust_remote_code), dtype, info.storage_dtype, device, trust_remote_code)
+            metrics["quantized"] = _evaluate(qmodel, qsource, tokenizer, evals, data_dir, windows,
+                                             cfg.plan.label(), options, partial)
+            if fp_copy is not None:
+                from .evaluate.fidelity import compare
+                from .evaluate.perplexity import wikitext2_windows
+
+                w = wikitext2_windows(tokenizer, default_seqlen(qmodel, evals.seqlen), data_dir).ids
+                metrics["fidelity"] = compare(fp_copy, qmodel, w[: evals.ppl_limit or 64])
+            secs["evaluate"] += time.perf_counter() - t
+        secs["total"] = time.perf_counter() - t_start
+        report["seconds"] = {k: round(v, 3) for k, v in secs.items()}
+        report["peak_memory_mb"] = peak_memory_mb()
+        if partial is not None:
+            (partial.dir / "report.json").write_text(dumps(report))
+            partial.finish()
+            log.info("wrote %s", out)
+    return (report, model_obj) if return_model else report
+
+
+def _refuse_streamed(evals: EvalSpec, skip_eval: bool, return_model: bool, cfg: QuantConfig, size: int,
+                     budget: int, has_out: bool) -> None:
+    """What needs the whole model in memory is refused up front for a model that must be streamed."""
+    what = ("return_model" if return_model else "W*A* fake quantization (--act-bits)" if cfg.act is not None
+            else "downstream tasks (--tasks)" if evals.tasks and not skip_eval
+            else "--fidelity" if evals.fidelity and not skip_eval
+            else "evaluating without an output folder (streamed evaluation reads the written checkpoint)"
+            if not skip_eval and not has_out else None)
+    if what:
+        raise ValueError(f"the model takes {fmt_bytes(size)} in memory, more than the budget of {fmt_bytes(budget)}, "
+                         f"so it is streamed block by block; {what} needs it whole. Raise --max-memory on a machine "
+                         "with more RAM, or quantize with --skip-eval (perplexity is streamed) and evaluate the output "
+                         "with `moeq eval OUT --tasks ...` where it fits")
+
+
+def _evaluate(model, source, tokenizer, evals, data_dir, windows, label, options, partial) -> dict:
+    """In memory when the model is resident, else streamed block by block."""
+    if model is not None:
+        return evaluate(model, tokenizer, evals, data_dir, windows, label)
+    from .evaluate.streamed import streamed_ppl
+
+    folder = partial.dir / "eval-acts" if partial is not None else None
+    seqlen = default_seqlen(source.model, evals.seqlen)
+    return streamed_ppl(source, tokenizer, evals.ppl, seqlen, data_dir, windows, evals.ppl_limit, label,
+                        options.offload_activations if folder is not None else "cpu", folder)
+
+
+def _reloaded_config(folder: Path, trust_remote_code: bool):
+    from .models.loading import load_config
+
+    return load_config(str(folder), trust_remote_code)
+
+
+# ---------------------------------------------------------------------------------------------- in memory
 def quantize_loaded(loaded: Loaded, cfg: QuantConfig, data_dir=None, device: str = "cpu",
                     copy_model: bool = True) -> Quantized:
-    """Calibrate and quantize a loaded model (a deep copy unless ``copy_model`` is False)."""
+    """Calibrate and quantize a model already in memory (a deep copy unless ``copy_model`` is False);
+    nothing is written. The same loop and stages as :func:`quantize`."""
     m = copy.deepcopy(loaded.model) if copy_model else loaded.model
     adapter = ModelAdapter.for_model(m)
+    cfg, notes = resolve_config(cfg, is_moe=adapter.spec.moe is not None)
+    with adapter.per_expert():
+        check_plan(adapter, cfg)
     t = time.perf_counter()
-    calib = make_calibration(m, loaded.tokenizer, loaded.path, cfg, data_dir, device) if cfg.needs_calibration else None
+    calib = make_calibration(m, loaded.tokenizer, loaded.path, cfg, data_dir, device) if needs_calibration(cfg) else None
     t_cal = time.perf_counter() - t
-    adapter.unfuse()
     t = time.perf_counter()
-    run = before_loop(adapter, cfg, loaded.storage_dtype)  # rotation / online Hadamard / AWQ or LWC stage
-    loop = quantize_model(adapter, cfg, calib.ids if calib is not None else None, device, loaded.storage_dtype,
-                          block_stage=run.stage)
-    after_loop(adapter, cfg, run, list(loop.results), loaded.storage_dtype)
-    t_q = time.perf_counter() - t
-    if not run.needs_expert_view:  # W*A* hooks sit on per-expert linears: keep that view
-        adapter.refuse()
-    return Quantized(m, adapter, loop, calib, {"calibration": t_cal, "quantize": t_q}, run)
-
-
-def make_calibration(model, tokenizer, model_path: str, cfg: QuantConfig, data_dir=None, device="cpu") -> CalibSet:
-    """Calibration token ids: windows of a text source, or an EBSS set the model writes itself."""
-    seqlen = default_seqlen(model, cfg.calib.seqlen)
-    c = cfg.calib
-    if c.source == "ebss":
-        ecfg = EBSSConfig(num=c.nsamples, length=seqlen, width=c.ebss_width, tau=c.ebss_tau, seed=c.seed,
-                           no_repeat_ngram=c.ebss_no_repeat_ngram)
-        ids, info = ebss_calibration(model, tokenizer, model_path, ecfg, device)
-        notes = [f"EBSS set {'reused from' if info['reused'] else 'generated and cached at'} {info['cache']}"]
-        return CalibSet(ids, "ebss", info["cache"], notes)
-    return calibration_windows(tokenizer, c.source, c.nsamples, seqlen, c.seed, data_dir)
+    source = ResidentSource(m, device)
+    run = MethodRun(source.adapter, cfg, loaded.storage_dtype)
+    run.notes += notes
+    acts = embeddings_and_inputs(source, run, calib, cfg, None, RunOptions(offload_activations="cpu"), None, device,
+                                 resident=True)
+    loop = LoopResult()
+    quantize_blocks(source, run, acts, loop, keep=True, keep_results=True)
+    head(source, run, None, resident=True)
+    run.attach_act_quant(list(loop.rows))
+    if not run.hooks:  # W*A* hooks sit on per-expert linears: keep that view
+        source.adapter.refuse()
+    return Quantized(m, source.adapter, loop, calib, {"calibration": t_cal, "quantize": time.perf_counter() - t}, run)
 
 
 def _natural(name: str):

@@ -12,7 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from ..config import FALLBACKS, METHODS, CalibSpec, GPTQKnobs, QuantConfig
+from ..config import BitPlan, QuantConfig
 from ..quant.primitives import QuantArgs
 from .plan import PlanRules, Selection
 from .search import METHODS as SEARCHES
@@ -26,28 +26,10 @@ def _ints(s: str) -> tuple[int, ...]:
 
 
 def _add_calib_flags(p: argparse.ArgumentParser) -> None:
-    """The calibration (and solver) flags of ``moeq quantize``."""
-    p.add_argument("model", nargs="?", default=None, help="bundled name, checkpoint dir or hub id (default: bundled)")
-    p.add_argument("--method", choices=METHODS, default="gptq", help="solver whose loss measures sensitivity")
-    p.add_argument("--group-size", type=int, default=None,
-                   help="-1 = per channel, or e.g. 32/64/128 (default: the profile's with --profile, else 128)")
-    sym = p.add_mutually_exclusive_group()
-    sym.add_argument("--sym", dest="sym", action="store_true", default=True, help="symmetric grid (default)")
-    sym.add_argument("--asym", dest="sym", action="store_false", help="asymmetric grid with zero points")
-    p.add_argument("--calib", default=None, help="calibration source as for `moeq quantize` (default wikitext2; "
-                                                 "ebss for --method moequant)")
-    p.add_argument("--ebss-width", type=int, default=4)
-    p.add_argument("--ebss-tau", type=float, default=1.2)
-    p.add_argument("--nsamples", type=int, default=128, help="calibration windows (default 128)")
-    p.add_argument("--seqlen", type=int, default=None, help="calibration window length (default: min(2048, context))")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--batch-size", type=int, default=8, help="calibration sequences per block forward")
-    p.add_argument("--damp", type=float, default=0.01)
-    p.add_argument("--blocksize", type=int, default=128)
-    p.add_argument("--act-order", action="store_true")
-    p.add_argument("--mse-clip", action=argparse.BooleanOptionalAction, default=None)
-    p.add_argument("--min-tokens", type=int, default=8)
-    p.add_argument("--fallback", choices=FALLBACKS, default="rtn")
+    """``moeq quantize``'s quantization flags (declared once, in moeq.cli) plus the profile's own."""
+    from ..flags import add_quant_flags
+
+    add_quant_flags(p, method="gptq", group_size=None)
     p.add_argument("--candidates", type=_ints, default=(2, 3, 4, 8), help="widths to profile (default 2,3,4,8)")
     p.add_argument("--predictor-hidden", type=int, default=256, help="block-predictor hidden width (paper: 1024)")
     p.add_argument("--predictor-tokens", type=int, default=16384, help="tokens per block to train/score on")
@@ -55,7 +37,6 @@ def _add_calib_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-block-gain", action="store_true",
                    help="rank by local output error only (skip the forwards that calibrate it to the output KL)")
     p.add_argument("--gain-samples", type=int, default=32, help="calibration sequences the block gains use")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing output")
 
 
 def add_parsers(sub, add_common) -> None:
@@ -98,16 +79,11 @@ def add_parsers(sub, add_common) -> None:
 
 
 def quant_config(a) -> QuantConfig:
-    """The run configuration the calibration flags describe (uniform plan at the base width)."""
-    moequant = a.method == "moequant"
-    calib = a.calib or ("ebss" if moequant else "wikitext2")
-    mse = moequant if a.mse_clip is None else a.mse_clip
-    from ..config import BitPlan
+    """The run configuration the flags describe (uniform plan at the base width), resolved for the model
+    by the library (``moeq.methods.resolve_config``) exactly as ``moeq quantize`` does."""
+    from ..flags import quant_config as from_flags
 
-    return QuantConfig(method=a.method, plan=BitPlan(default=QuantArgs(getattr(a, "bits", 4), a.group_size, a.sym)),
-                       calib=CalibSpec(calib, a.nsamples, a.seqlen, a.seed, a.ebss_width, a.ebss_tau),
-                       gptq=GPTQKnobs(a.blocksize, a.damp, a.act_order, mse), min_tokens=a.min_tokens,
-                       fallback=a.fallback, mse_clip=mse, batch_size=a.batch_size, agq=moequant)
+    return from_flags(a, BitPlan(default=QuantArgs(getattr(a, "bits", 4), a.group_size or 128, a.sym)))
 
 
 def plan_rules(a) -> PlanRules:

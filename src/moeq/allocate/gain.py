@@ -32,16 +32,19 @@ import math
 import torch
 
 from ..models.adapter import ModelAdapter
-from ..quant.primitives import QuantArgs, fake_quantize
+from ..quant.primitives import QuantArgs, fake_quantize, hessian_error
 from ..utils.progress import progress
 from .modules import ModuleRecord
 
 PARTS = {"attn": "attn", "expert": "ffn", "shared": "ffn", "dense_mlp": "ffn"}
 
 
-def part_key(record: ModuleRecord, bits: int) -> str:
-    """The gain a linear uses at a width: "<block>:attn:<bits>" or "<block>:ffn:<bits>"."""
-    return f"{record.block}:{PARTS[record.role]}:{bits}"
+PartKey = tuple[int, str, int]  # (block, "attn" | "ffn", bits)
+
+
+def part_key(record: ModuleRecord, bits: int) -> PartKey:
+    """The gain a linear uses at a width: (block, "attn" or "ffn", bits)."""
+    return record.block, PARTS[record.role], bits
 
 
 def rtn_local_error(W: torch.Tensor, H_imp: torch.Tensor | None, args: QuantArgs, scale_dtype) -> float:
@@ -49,20 +52,20 @@ def rtn_local_error(W: torch.Tensor, H_imp: torch.Tensor | None, args: QuantArgs
     if H_imp is None:
         return 0.0
     D = fake_quantize(W.float(), args, scale_dtype).to(H_imp.device) - W.float().to(H_imp.device)  # (out, in)
-    return float(((D @ H_imp) * D).sum())
+    return float(hessian_error(D, H_imp))
 
 
 @torch.no_grad()
 def block_gains(adapter: ModelAdapter, records: dict[str, ModuleRecord], local: dict[int, dict[str, float]],
-                ids: torch.Tensor, template: QuantArgs, scale_dtype, batch_size: int) -> dict[str, dict]:
-    """{"<block>:<part>:<bits>": {"gain", "kl", "local_error"}} measured on ids (n, T); ``local[bits]``
+                ids: torch.Tensor, template: QuantArgs, scale_dtype, batch_size: int) -> dict[PartKey, dict]:
+    """{(block, part, bits): {"gain", "kl", "local_error"}} measured on ids (n, T); ``local[bits]``
     holds each linear's rtn_local_error at that width (group size and symmetry of ``template``). The
     model must be unfused (per-expert linears) and is left exactly as it was. Batch by batch: the FP
     log-probabilities of one batch are kept while every (part, width) perturbation is applied, scored
     and undone, so memory holds one batch of logits."""
     model = adapter.model
     dev = next(model.parameters()).device
-    parts: dict[str, list[str]] = {}
+    parts: dict[PartKey, list[str]] = {}
     for bits in local:
         for name, rec in records.items():
             parts.setdefault(part_key(rec, bits), []).append(name)
@@ -73,7 +76,7 @@ def block_gains(adapter: ModelAdapter, records: dict[str, ModuleRecord], local: 
         fp = torch.log_softmax(model(input_ids=batch).logits.float(), -1)  # (b, T, V)
         count += batch.numel()
         for key, names in parts.items():
-            args = QuantArgs(int(key.rpartition(":")[2]), template.group_size, template.symmetric)
+            args = QuantArgs(key[2], template.group_size, template.symmetric)
             saved = {}
             try:
                 for n in names:
@@ -87,11 +90,11 @@ def block_gains(adapter: ModelAdapter, records: dict[str, ModuleRecord], local: 
                     adapter.module(n).weight.data.copy_(w0)
     out = {}
     for key, names in parts.items():
-        bits = int(key.rpartition(":")[2])
+        bits = key[2]
         d, err = kl[key] / max(1, count), sum(local[bits].get(n, 0.0) for n in names)
         out[key] = {"kl": d, "local_error": err, "gain": d / err if d > 0 and err > 0 and math.isfinite(d) else None}
     for bits in local:
-        same = [v for k, v in out.items() if k.endswith(f":{bits}")]
+        same = [v for k, v in out.items() if k[2] == bits]
         positive = [v["gain"] for v in same if v["gain"] is not None]
         floor = min(positive) if positive else 0.0
         for v in same:

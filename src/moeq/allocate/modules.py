@@ -37,9 +37,7 @@ class ModuleRecord:
 def inventory(adapter: ModelAdapter) -> list[ModuleRecord]:
     """Records of every quantizable linear, in block and group order (unfuses experts if needed,
     and restores the model's own layout afterwards)."""
-    was_unfused = adapter.is_unfused
-    adapter.unfuse()
-    try:
+    with adapter.per_expert():
         gate, up, _ = adapter.spec.mlp_proj_names
         attn_group = {}
         for k, grp in enumerate(adapter.spec.attn_groups):
@@ -59,9 +57,6 @@ def inventory(adapter: ModelAdapter) -> list[ModuleRecord]:
             out.append(ModuleRecord(li.name, li.block, li.role, li.expert, li.proj, mod.in_features,
                                     mod.out_features, unit))
         return out
-    finally:
-        if not was_unfused:
-            adapter.refuse()
 
 
 def serving_units(records: list[ModuleRecord]) -> dict[str, list[ModuleRecord]]:

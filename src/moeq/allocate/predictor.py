@@ -22,7 +22,6 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..capture.fp_pass import offload
 
 
 @dataclass(frozen=True)
@@ -78,8 +77,8 @@ class TokenSampler:
         x = x.reshape(-1, x.shape[-1])  # (N, d)
         m = self.mask[self.pos: self.pos + x.shape[0]].to(x.device)  # (N,)
         self.pos += x.shape[0]
-        self.x.append(offload(x[m]))
-        self.t.append(offload(target[m]))
+        self.x.append(x[m].detach().float().cpu())  # kept on CPU, fp32
+        self.t.append(target[m].detach().float().cpu())
 
     def data(self) -> tuple[torch.Tensor, torch.Tensor]:
         return torch.cat(self.x), torch.cat(self.t)  # (n, d), (n,)

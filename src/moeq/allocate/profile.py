@@ -21,7 +21,10 @@ from pathlib import Path
 
 import torch
 
-from ..capture.fp_pass import fp_block_pass
+from ..capture.activations import Activations
+from ..capture.loop import BlockContext, run_blocks
+from ..capture.stats import GroupStats, c2_weight_fn
+from ..models.lazy import ResidentSource
 from ..config import QuantConfig
 from ..evaluate.routing import balance_std
 from ..models.adapter import ModelAdapter, get_submodule
@@ -54,7 +57,7 @@ class Profile:
     symmetric: bool = True
     solver: str | None = None
     sensitivity: dict[str, dict[int, float]] = field(default_factory=dict)  # name -> bits -> error (see .gain)
-    block_gain: dict[str, dict] = field(default_factory=dict)  # "<block>:attn|ffn:<bits>" -> gain, kl, local_error
+    block_gain: dict[tuple, dict] = field(default_factory=dict)  # (block, "attn"|"ffn", bits) -> gain, kl, local_error
     seconds: dict = field(default_factory=dict)
 
     @property
@@ -71,6 +74,7 @@ class Profile:
         d["usage"] = {str(k): v for k, v in self.usage.items()}
         d["importance"] = {str(k): v for k, v in self.importance.items()}
         d["sensitivity"] = {n: {str(b): v for b, v in s.items()} for n, s in self.sensitivity.items()}
+        d["block_gain"] = {":".join(map(str, k)): v for k, v in self.block_gain.items()}  # JSON keys are strings
         return d
 
     @classmethod
@@ -83,6 +87,8 @@ class Profile:
         kw["usage"] = {int(k): v for k, v in d.get("usage", {}).items()}
         kw["importance"] = {int(k): v for k, v in d.get("importance", {}).items()}
         kw["sensitivity"] = {n: {int(b): v for b, v in s.items()} for n, s in d.get("sensitivity", {}).items()}
+        kw["block_gain"] = {(int(k.split(":")[0]), k.split(":")[1], int(k.split(":")[2])): v
+                            for k, v in d.get("block_gain", {}).items()}
         return cls(**kw)
 
     def save(self, out_dir: str | Path) -> Path:
@@ -129,17 +135,45 @@ def profile_model(adapter: ModelAdapter, calib: torch.Tensor, opts: ProfileOptio
         raise ValueError(f"--gain-samples must be >= 1, got {opts.gain_samples} (or pass --no-block-gain)")
     secs = {}
     t0 = time.perf_counter()
-    was_unfused = adapter.is_unfused
-    adapter.unfuse()
-    try:
+    with adapter.per_expert():
         return _profile(adapter, calib, opts, cfg, scale_dtype, device, model_name, calib_info, predictors_out,
                         secs, t0)
+
+
+def _observe(ctx: BlockContext, modules: dict, weighted: dict, on_batch) -> tuple:
+    """The profile's stage of the loop: plain and c^2-weighted statistics of the named linears, and the
+    residual stream entering the MoE sub-block (the post-attention norm's input) of every batch."""
+    adapter, i = ctx.adapter, ctx.i
+    xs: list[torch.Tensor] = []
+    norm = get_submodule(ctx.block, adapter.spec.post_attn_norm)
+    handle = norm.register_forward_pre_hook(lambda m, a: xs.append(a[0])) if norm is not None else None
+    try:
+        with adapter.routing(i) as r:
+            gs = GroupStats(modules, ctx.device) if modules else None
+            gw = GroupStats(weighted, ctx.device, c2_weight_fn(r)) if weighted else None
+            stats = [st for st in (gs, gw) if st is not None]
+
+            def before():
+                xs.clear()
+                for st in stats:
+                    st.new_forward()
+            for st in stats:
+                st.__enter__()
+            try:
+                ctx.forward(before, lambda k, h, y: on_batch(i, xs[0] if xs else h.to(ctx.device), y), collect=True)
+            finally:
+                for st in stats:
+                    st.__exit__(None, None, None)
     finally:
-        if not was_unfused:
-            adapter.refuse()
+        if handle is not None:
+            handle.remove()
+    return gs, gw
 
 
 def _profile(adapter, calib, opts, cfg, scale_dtype, device, model_name, calib_info, predictors_out, secs, t0):
+    from ..capture.quantize import solve_spec
+
+    solve = solve_spec(cfg, {}, scale_dtype)
     records = {r.name: r for r in inventory(adapter)}
     outlier = outlier_scores(adapter)
     secs["outlier"] = time.perf_counter() - t0
@@ -184,14 +218,17 @@ def _profile(adapter, calib, opts, cfg, scale_dtype, device, model_name, calib_i
         if opts.sensitivity:
             weights = {n: m.weight.data for n, m in gs.modules.items()}
             impact = impact_hessians(gs, gw, records, total)
-            sens.update(candidate_losses(weights, gs, impact, records, list(opts.candidates), opts.template, cfg,
-                                         scale_dtype, device))
+            sens.update(candidate_losses(weights, gs, impact, records, list(opts.candidates), opts.template,
+                                         solve, device))
             for b in rtn_err if with_gain else ():
                 args = QuantArgs(b, opts.template.group_size, opts.template.symmetric)
                 rtn_err[b].update({n: rtn_local_error(W, impact[n], args, scale_dtype) for n, W in weights.items()})
 
     t = time.perf_counter()
-    fp_block_pass(adapter, calib, device, opts.batch_size, modules_of, on_batch, on_block, weighted_of)
+    source = ResidentSource(adapter.model, device)
+    acts = Activations.capture(adapter.model, adapter.blocks[0], list(calib.split(opts.batch_size)), device, "cpu")
+    run_blocks(source, acts, lambda ctx: on_block(ctx.i, *_observe(ctx, modules_of(ctx.i), weighted_of(ctx.i),
+                                                                   on_batch)), desc="profile blocks")
     secs["calibration_pass"] = time.perf_counter() - t
     gains = {}
     if with_gain:
@@ -221,5 +258,5 @@ def _profile(adapter, calib, opts, cfg, scale_dtype, device, model_name, calib_i
                    calibration=calib_info, tokens=total, usage=usage, outlier=outlier, importance=importance,
                    candidates=list(opts.candidates) if opts.sensitivity else [],
                    group_size=opts.template.group_size, symmetric=opts.template.symmetric,
-                   solver=cfg.solver if opts.sensitivity else None, sensitivity=sens, block_gain=gains,
+                   solver=solve.solver.name if opts.sensitivity else None, sensitivity=sens, block_gain=gains,
                    seconds={k: round(v, 3) for k, v in secs.items()})

@@ -27,10 +27,13 @@ def load_for_profile(a, cfg):
     from ..models.loading import load_model
     from ..utils.device import fits_on_device, resolve_device
 
+    from ..methods import resolve_config
+
     device = resolve_device(a.device)
     loaded = load_model(a.model, device=device, trust_remote_code=a.trust_remote_code)
     if fits_on_device(loaded.model, device):
         loaded.model.to(device)
+    cfg, _ = resolve_config(cfg, is_moe=ModelAdapter.for_model(loaded.model).spec.moe is not None)
     return loaded, cfg, device
 
 

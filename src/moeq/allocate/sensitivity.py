@@ -24,9 +24,9 @@ from __future__ import annotations
 import torch
 
 from ..capture.stats import GroupStats
-from ..config import QuantConfig
-from ..quant.primitives import QuantArgs
-from ..solvers.batch import Task, solve_tasks
+from ..capture.solve import SolveSpec
+from ..quant.primitives import QuantArgs, hessian_error
+from ..solvers.batch import Task, solve_tasks, with_fallbacks
 from .modules import ModuleRecord
 
 WEIGHTED_ROLES = ("expert", "shared")  # outputs scaled by a per-token coefficient c
@@ -45,7 +45,7 @@ def impact_hessians(gs: GroupStats, gw: GroupStats | None, records: dict[str, Mo
 
 def candidate_losses(weights: dict[str, torch.Tensor], gs: GroupStats, impact: dict[str, torch.Tensor | None],
                      records: dict[str, ModuleRecord], candidates: list[int], template: QuantArgs,
-                     cfg: QuantConfig, scale_dtype, device) -> dict[str, dict[int, float]]:
+                     spec: SolveSpec, device) -> dict[str, dict[int, float]]:
     """{name: {bits: sensitivity}} for the linears of one block. weights: name -> W (out, in)."""
     out: dict[str, dict[int, float]] = {n: {} for n in weights}
     for bits in candidates:
@@ -57,13 +57,14 @@ def candidate_losses(weights: dict[str, torch.Tensor], gs: GroupStats, impact: d
             tasks.append(Task(names=[name], W=W.float(), H=st.mean() if st is not None else None, args=args,
                               tokens=st.routed if st is not None else 0, rows=st.rows if st is not None else 0,
                               expert=records[name].role == "expert", sizes=[W.shape[0]]))
-        for name, (res, _row) in solve_tasks(tasks, cfg, scale_dtype, device).items():
+        tasks = with_fallbacks(tasks, spec.min_tokens, spec.fallback) if spec.solver.needs_hessian else tasks
+        for name, (res, _row) in solve_tasks(tasks, spec.solver, spec.opts, device, spec.batched).items():
             H = impact[name]
             if H is None:
                 out[name][bits] = 0.0
                 continue
             D = res.dequantize().to(H.device) - weights[name].float()  # (out, in)
-            out[name][bits] = float(((D @ H) * D).sum())
+            out[name][bits] = float(hessian_error(D, H))
     return out
 
 

@@ -25,6 +25,7 @@ from dataclasses import asdict, dataclass
 import torch
 
 from ..models.adapter import ModelAdapter
+from ..models.moe import RoutingTap
 from ..utils.progress import progress
 
 
@@ -53,32 +54,14 @@ def sequence_sigma(counts: torch.Tensor) -> torch.Tensor:
     return freq.std(-1, unbiased=True).mean(-1)  # (rows,)
 
 
-class _RoutingTap:
-    """Forward pre-hooks on every MoE layer's experts module recording the newest tokens' top-k."""
-
-    def __init__(self, ad: ModelAdapter):
-        self.blocks = ad.moe_blocks()
-        self.E = ad.num_experts
-        self.last: dict[int, torch.Tensor] = {}
-        self.handles = [ad.experts(i).register_forward_pre_hook(self._hook(i)) for i in self.blocks]
-
-    def _hook(self, i):
-        def hook(mod, args):
-            self.last[i] = args[1]  # (rows * new tokens, k)
-        return hook
-
-    def counts(self, rows: int) -> torch.Tensor:
-        """Expert counts of the newest token of each row: (rows, L_moe, E)."""
-        out = []
-        for i in self.blocks:
-            idx = self.last[i].reshape(rows, -1)  # (rows, k)
-            out.append(torch.zeros(rows, self.E, dtype=torch.long, device=idx.device).scatter_add_(
-                1, idx, torch.ones_like(idx)))
-        return torch.stack(out, 1)  # (rows, L_moe, E)
-
-    def close(self):
-        for h in self.handles:
-            h.remove()
+def newest_counts(tap: RoutingTap, rows: int, num_experts: int) -> torch.Tensor:
+    """Expert counts of the newest token of each row from the tap's last forward: (rows, L_moe, E)."""
+    out = []
+    for i in sorted(tap.last):
+        idx = tap.last[i][0].reshape(rows, -1)  # (rows, k)
+        out.append(torch.zeros(rows, num_experts, dtype=torch.long, device=idx.device).scatter_add_(
+            1, idx, torch.ones_like(idx)))
+    return torch.stack(out, 1)  # (rows, L_moe, E)
 
 
 def _forbidden(tokenizer, vocab: int) -> torch.Tensor:
@@ -103,7 +86,7 @@ def _repeats(ids: torch.Tensor, n: int, vocab: int) -> torch.Tensor:
 
 
 @torch.inference_mode()
-def _generate_batch(model, tap: _RoutingTap, first: torch.Tensor, cfg: EBSSConfig, bad: torch.Tensor,
+def _generate_batch(model, tap: RoutingTap, first: torch.Tensor, cfg: EBSSConfig, bad: torch.Tensor,
                     device, bar) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Beam-search S sequences from their first tokens (S,). -> ids (S, L), mean NLL (S,), sigma (S,)."""
     from transformers import DynamicCache
@@ -112,7 +95,8 @@ def _generate_batch(model, tap: _RoutingTap, first: torch.Tensor, cfg: EBSSConfi
     B = S * w
     ids = first.to(device).repeat_interleave(w)[:, None]  # (B, 1)
     R = torch.zeros(B, dtype=torch.float64, device=device)  # cumulative log-prob
-    counts = torch.zeros(B, len(tap.blocks), tap.E, dtype=torch.long, device=device)
+    E = tap.adapter.num_experts
+    counts = torch.zeros(B, len(tap.adapter.moe_blocks()), E, dtype=torch.long, device=device)
     alive = torch.zeros(S, w, dtype=torch.bool, device=device)
     alive[:, 0] = True  # the w rows of a sequence start as copies: only one is a real beam
     alive = alive.reshape(B)
@@ -121,7 +105,7 @@ def _generate_batch(model, tap: _RoutingTap, first: torch.Tensor, cfg: EBSSConfi
     bad = bad.to(device)
     for t in range(L - 1):
         out = model(input_ids=ids[:, -1:], past_key_values=cache, use_cache=True)
-        counts += tap.counts(B)
+        counts += newest_counts(tap, B, E)
         sigma = sequence_sigma(counts)  # (B,) of the parent beams, their newest token included
         logp = torch.log_softmax(out.logits[:, -1].float(), -1).double()  # (B, V)
         logp[:, bad] = float("-inf")
@@ -146,7 +130,7 @@ def _generate_batch(model, tap: _RoutingTap, first: torch.Tensor, cfg: EBSSConfi
         alive = torch.isfinite(R)
         bar.update(S)
     model(input_ids=ids[:, -1:], past_key_values=cache, use_cache=True)  # route the last token too
-    counts += tap.counts(B)
+    counts += newest_counts(tap, B, E)
     sigma = sequence_sigma(counts)
     final = (-R / (L - 1) + sigma.double() / cfg.tau).view(S, w)
     pick = (base.squeeze(1) + final.argmin(-1))  # (S,) lowest-cost beam of each sequence
@@ -158,25 +142,19 @@ def generate(model, tokenizer, cfg: EBSSConfig, device="cpu") -> tuple[list[dict
     ad = ModelAdapter.for_model(model)
     if not ad.moe_blocks():
         raise ValueError("EBSS needs a mixture-of-experts model (this one has no MoE layers)")
-    if ad.spec.moe.layout == "modulelist":
-        ad.unfuse()
     vocab = model.get_output_embeddings().weight.shape[0]
     bad = _forbidden(tokenizer, vocab)
     allowed = (~bad).nonzero().squeeze(1)
     g = torch.Generator().manual_seed(cfg.seed)
     first = allowed[torch.randint(0, allowed.numel(), (cfg.num,), generator=g)]  # random first tokens
-    tap = _RoutingTap(ad)
     rows, t0 = [], time.perf_counter()
-    try:
-        with progress(total=cfg.num * (cfg.length - 1), desc="EBSS", unit="tok") as bar:
-            for s in range(0, cfg.num, cfg.batch):
-                ids, nll, sig = _generate_batch(model, tap, first[s:s + cfg.batch], cfg, bad, device, bar)
-                for r in range(ids.shape[0]):
-                    seq = ids[r].tolist()
-                    rows.append({"input_ids": seq, "text": tokenizer.decode(seq), "nll": round(float(nll[r]), 5),
-                                 "balance_std": round(float(sig[r]), 6)})
-    finally:
-        tap.close()
+    with RoutingTap(ad) as tap, progress(total=cfg.num * (cfg.length - 1), desc="EBSS", unit="tok") as bar:
+        for s in range(0, cfg.num, cfg.batch):
+            ids, nll, sig = _generate_batch(model, tap, first[s:s + cfg.batch], cfg, bad, device, bar)
+            for r in range(ids.shape[0]):
+                seq = ids[r].tolist()
+                rows.append({"input_ids": seq, "text": tokenizer.decode(seq), "nll": round(float(nll[r]), 5),
+                             "balance_std": round(float(sig[r]), 6)})
     secs = time.perf_counter() - t0
     stats = {"seconds": secs, "tokens": cfg.num * cfg.length, "tokens_per_s": cfg.num * cfg.length / secs,
              "config": asdict(cfg)}

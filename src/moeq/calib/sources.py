@@ -1,6 +1,8 @@
 """Named text sources, offline first.
 
-``wikitext2``, ``c4``, ``gsm8k``, ``humaneval`` or any ``.txt`` / ``.jsonl`` (field ``text``) path.
+``wikitext2``, ``c4``, ``gsm8k``, ``humaneval`` or the path of any existing file, read as text by its
+extension (:mod:`.files`: ``.jsonl`` / ``.json`` rows' ``text``, a ``.parquet`` ``text`` column, anything
+else as plain UTF-8 text, ``.gz`` decompressed).
 The data folder is resolved in this order: an explicit ``data_dir`` -> ``$MOEQ_DATA_DIR`` ->
 ``../shared/data`` next to the repository (or the current directory) -> the Hugging Face hub through
 ``datasets`` when online -> a clear error saying how to provide the data.
@@ -13,12 +15,12 @@ never overlap, so no model is evaluated on text it was calibrated on.
 from __future__ import annotations
 
 import functools
-import gzip
-import json
 import os
 import socket
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from .files import FORMATS, jsonl_rows, read_docs
 
 
 class DataNotFoundError(FileNotFoundError):
@@ -79,17 +81,11 @@ def data_root(data_dir: str | os.PathLike | None = None) -> Path | None:
     return None
 
 
-def _read_jsonl(path: Path) -> list[dict]:
-    opener = gzip.open if path.suffix == ".gz" else open
-    with opener(path, "rt", encoding="utf-8") as f:
-        return [json.loads(line) for line in f if line.strip()]
-
-
 def _docs_from_file(name: str, path: Path) -> list[str]:
     if name == "wikitext2":
         # the HF dataset's rows are the raw file's lines; the papers join them with "\n\n"
         return path.read_text(encoding="utf-8").splitlines(keepends=True)
-    rows = _read_jsonl(path)
+    rows = [r for _, r in jsonl_rows(path)]
     if name == "gsm8k":
         return [f"Question: {r['question']}\nAnswer: {r['answer']}" for r in rows]
     if name == "humaneval":
@@ -102,6 +98,12 @@ def _from_hub(name: str, split: str) -> TextSource:
         raise DataNotFoundError("offline mode is set")
     if not _hub_reachable():  # fail fast when there is no network instead of waiting on retries
         raise DataNotFoundError("huggingface.co is unreachable")
+    docs, origin = _hub_docs(name, split)
+    return TextSource(name, split, docs, origin)
+
+
+def _hub_docs(name: str, split: str) -> tuple[list[str], str]:
+    """Documents of a named source's split through ``datasets``, and their origin."""
     try:
         import datasets  # optional dependency
     except ImportError as e:
@@ -115,7 +117,7 @@ def _from_hub(name: str, split: str) -> TextSource:
     docs = ds["text"] if name in ("wikitext2", "c4") else (
         [f"Question: {q}\nAnswer: {a}" for q, a in zip(ds["question"], ds["answer"])] if name == "gsm8k"
         else [p + s for p, s in zip(ds["prompt"], ds["canonical_solution"])])
-    return TextSource(name, split, list(docs), f"hf://{repo}/{cfg or ''}:{split}")
+    return list(docs), f"hf://{repo}/{cfg or ''}:{split}"
 
 
 @functools.lru_cache(maxsize=1)
@@ -130,17 +132,14 @@ def _hub_reachable() -> bool:
 def load_text(name: str, split: str | None = None, data_dir: str | os.PathLike | None = None,
               purpose: str = "eval") -> TextSource:
     """Load a named source or a file. ``purpose`` picks the default split ("eval" or "calib")."""
-    p = Path(name).expanduser()
     if name not in NAMED:
-        if p.suffix in (".txt", ".jsonl", ".gz") and p.is_file():
-            docs = [p.read_text(encoding="utf-8")] if p.suffix == ".txt" else _docs_from_file("file", p)
-            docs = [d for d in docs if d.strip()]
-            if not docs:
-                raise ValueError(f"{p} holds no text (a .jsonl needs a non-empty 'text' field per line)")
-            return TextSource(p.name, "file", docs, str(p))
-        raise ValueError(f"unknown text source {name!r}: use one of {', '.join(NAMED)} or a .txt/.jsonl file path "
-                         f"(that path does not exist)" if p.suffix else
-                         f"unknown text source {name!r}: use one of {', '.join(NAMED)} or a .txt/.jsonl file path")
+        p = Path(name).expanduser()
+        if p.is_file():
+            return TextSource(p.name, "file", read_docs(p), str(p))
+        looks_like_path = bool(p.suffix) or os.sep in name or "/" in name
+        raise ValueError(f"unknown text source {name!r}: use one of {', '.join(NAMED)} or the path of {FORMATS}"
+                         + (" (that path is a directory)" if p.is_dir() else
+                            " (that path does not exist)" if looks_like_path else ""))
     split = split or (EVAL_SPLIT.get(name) if purpose == "eval" else CALIB_SPLIT[name])
     if split is None:
         raise ValueError(f"{name} has no evaluation split in moeq; evaluate on wikitext2 or c4")

@@ -3,18 +3,19 @@
 Documents are joined with the source's separator into one stream (WikiText-2 lines with "\\n\\n",
 like the papers), tokenized once, and windows start at positions drawn with ``random.Random(seed)``,
 so the same arguments always give the same token ids. A ``.jsonl`` file with ``input_ids`` rows
-(what ``moeq calib ebss`` writes) is used as is.
+(what ``moeq calib ebss`` writes) is used as is; any other file is text (:mod:`.files`).
+The caller's tokenizer is not modified.
 """
 
 from __future__ import annotations
 
-import json
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
+from .files import is_jsonl, jsonl_rows
 from .sources import load_text
 
 MAX_CHARS = 8_000_000  # tokenize at most this much text (enough for 1000s of 2048-token windows)
@@ -33,15 +34,20 @@ class CalibSet:
 
 
 def _token_rows(path: Path) -> list[list[int]] | None:
-    """Rows of token ids when ``path`` is a jsonl whose lines carry ``input_ids``; else None."""
-    if path.suffix != ".jsonl" or not path.is_file():
+    """Rows of token ids when ``path`` is a jsonl whose first row carries ``input_ids``; else None."""
+    if not (is_jsonl(path) and path.is_file()):
         return None
-    with path.open(encoding="utf-8") as f:
-        first = f.readline()
-    if not first.strip() or "input_ids" not in json.loads(first):
+    rows = jsonl_rows(path)
+    first = next(rows, None)
+    if first is None or not isinstance(first[1], dict) or "input_ids" not in first[1]:
         return None
-    with path.open(encoding="utf-8") as f:
-        return [json.loads(line)["input_ids"] for line in f if line.strip()]
+    out = []
+    for n, r in [first, *rows]:
+        if not isinstance(r, dict) or "input_ids" not in r:
+            raise ValueError(f'{path}, line {n}: no "input_ids" field, but the first line has one; a token-id '
+                             'file (moeq calib ebss) needs it on every line')
+        out.append(r["input_ids"])
+    return out
 
 
 def token_rows_length(source: str) -> int | None:
@@ -64,8 +70,7 @@ def calibration_windows(tokenizer, source: str, nsamples: int, seqlen: int, seed
     text = src.joined()[:MAX_CHARS]
     if not text.strip():
         raise ValueError(f"calibration source {source!r} is empty")
-    tokenizer.model_max_length = int(1e12)
-    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    ids = tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"]  # one call: no length warning
     if len(ids) <= seqlen:
         raise ValueError(f"calibration text {source!r} has {len(ids)} tokens, not more than seqlen={seqlen}; "
                          "use a shorter --seqlen or a larger source")

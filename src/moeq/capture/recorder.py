@@ -1,9 +1,9 @@
 """Forward hooks that record what block-wise searches need: module inputs/outputs and input rows.
 
 ``Recorder.io`` keeps every call of a module: (args, kwargs, output, c) with c the routing
-coefficient of its rows when the module is a routed or shared expert (``moeq_routing``, set by the
-ExpertSet or :func:`~moeq.capture.sequential.shared_expert_routing`). ``Recorder.rows`` keeps a
-linear's input rows (every ``stride``-th) and their coefficients. Hooks are removed on exit.
+coefficient of its rows when the module is a routed or shared expert (read from the block's routing
+observer, ``ModelAdapter.routing``). ``Recorder.rows`` keeps a linear's input rows (every ``stride``-th)
+and their coefficients. Hooks are removed on exit.
 """
 
 from __future__ import annotations
@@ -13,18 +13,24 @@ from collections import defaultdict
 import torch
 from torch import nn
 
+from ..models.moe import RoutingObserver
+
 
 class Recorder:
-    def __init__(self):
+    def __init__(self, routing: RoutingObserver | None = None):
+        self.routing = routing
         self.calls: dict[str, list[list]] = defaultdict(list)  # key -> [[args, kwargs, out, c], ...]
         self.x: dict[str, list[torch.Tensor]] = defaultdict(list)  # key -> [(r, d), ...]
         self.c: dict[str, list[torch.Tensor | None]] = defaultdict(list)  # key -> [(r,) or None, ...]
         self._handles = []
 
-    def io(self, key: str, mod: nn.Module) -> None:
-        """Record (args, kwargs, output, routing coefficients) of every call of ``mod``."""
+    def _call(self, name: str | None):
+        return self.routing.call(name) if self.routing is not None and name is not None else None
+
+    def io(self, key: str, mod: nn.Module, name: str | None = None) -> None:
+        """Record (args, kwargs, output, routing coefficients) of every call of ``mod`` (full name ``name``)."""
         def pre(m, args, kwargs):
-            rc = getattr(m, "moeq_routing", None)
+            rc = self._call(name)
             self.calls[key].append([args, kwargs, None, None if rc is None else rc.weight.detach()])
 
         def post(m, args, kwargs, out):
@@ -33,12 +39,12 @@ class Recorder:
         self._handles += [mod.register_forward_pre_hook(pre, with_kwargs=True),
                           mod.register_forward_hook(post, with_kwargs=True)]
 
-    def rows(self, key: str, mod: nn.Module, parent: nn.Module | None = None, stride: int = 1) -> None:
-        """Record every ``stride``-th input row of ``mod`` and, when ``parent`` is a routed or shared expert,
-        each row's combine coefficient c."""
+    def rows(self, key: str, mod: nn.Module, parent: str | None = None, stride: int = 1) -> None:
+        """Record every ``stride``-th input row of ``mod`` and, when its parent (full name) is a routed or
+        shared expert, each row's combine coefficient c."""
         def pre(m, args):
             x = args[0].detach().reshape(-1, args[0].shape[-1])  # (r, d)
-            rc = getattr(parent, "moeq_routing", None) if parent is not None else None
+            rc = self._call(parent)
             self.x[key].append(x[::stride])
             self.c[key].append(None if rc is None else rc.weight.detach()[::stride])
 

@@ -4,6 +4,10 @@
 token counts; hooks on every linear of the group feed it. Linears that receive the *same* input
 tensor (q/k/v, an expert's gate/up) share one accumulator: the first forward records the aliasing
 and later forwards skip the duplicates, so each input is multiplied out once.
+
+Row weights come from the block's routing observer (``ModelAdapter.routing``): :func:`row_weight_fn`
+gives an expert's (or shared expert's) linears the combine coefficients c of their rows (AGQ), and
+:func:`c2_weight_fn` gives c^2 (the profile's impact Hessians).
 """
 
 from __future__ import annotations
@@ -11,7 +15,40 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..models.moe import RoutingObserver
 from .hooks import StopForward
+
+
+def row_weight_fn(routing: RoutingObserver, agq: bool, unweighted_projs: tuple[str, ...] = ()):
+    """Hook helper for linears: (row weights (r,) or None, routed-row count or None).
+
+    A linear inside an expert / the shared expert finds its parent's call in the observer; with AGQ its
+    rows are weighted by their combine coefficients c (paired with its rows by construction: the ExpertSet
+    hands each expert exactly its rows and their c). Other linears get (None, None)."""
+    def fn(name, mod, x):
+        parent, _, proj = name.rpartition(".")
+        call = routing.call(parent)
+        if call is None:
+            return None, None
+        w = call.weight if agq and proj not in unweighted_projs else None
+        return w, int(call.routed.sum())
+    return fn
+
+
+def c2_weight_fn(routing: RoutingObserver):
+    """Row weights c^2 for expert / shared-expert linears (one tensor per call, so linears sharing an input
+    keep sharing a Hessian)."""
+    base = row_weight_fn(routing, agq=True)
+    memo: dict = {}
+
+    def fn(name, mod, x):
+        w, routed = base(name, mod, x)
+        if w is None:
+            return None, routed
+        if memo.get("w") is not w:
+            memo.update(w=w, c2=w.float().pow(2))  # (r,)
+        return memo["c2"], routed
+    return fn
 
 
 class HessianStats:
@@ -21,6 +58,7 @@ class HessianStats:
         self.H = torch.zeros(n_in, n_in, dtype=torch.float32, device=device)  # (in, in)
         self.rows = 0  # rows accumulated (all rows when coverage is "all")
         self.routed = 0  # of which routed to this module (== rows outside experts)
+        self._divided = False
 
     def add(self, x: torch.Tensor, weight: torch.Tensor | None = None, routed: int | None = None) -> None:
         x = x.reshape(-1, x.shape[-1]).float()  # (r, in)
@@ -33,6 +71,13 @@ class HessianStats:
     def mean(self) -> torch.Tensor:
         """H / rows: the mean of c x x^T per calibration row (in, in)."""
         return self.H / max(1, self.rows)
+
+    def take_mean(self) -> torch.Tensor:
+        """The mean, computed in place (no second (in, in) copy); the sum is gone afterwards."""
+        if not self._divided:
+            self.H.div_(max(1, self.rows))
+            self._divided = True
+        return self.H
 
 
 class GroupStats:

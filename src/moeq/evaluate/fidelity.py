@@ -16,26 +16,16 @@ import torch
 import torch.nn.functional as F
 
 from ..models.adapter import ModelAdapter
+from ..models.moe import RoutingTap
 from ..utils.progress import progress
 
 
-class _RouteRecorder:
-    def __init__(self, model):
-        ad = ModelAdapter.for_model(model)
-        if ad.spec.moe is not None and ad.spec.moe.layout == "modulelist":
-            ad.unfuse()
-        self.blocks = ad.moe_blocks()
-        self.seen: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
-        self.handles = [ad.experts(i).register_forward_pre_hook(self._hook(i)) for i in self.blocks]
-
-    def _hook(self, i):
-        def hook(mod, args):
-            self.seen[i] = (args[1].detach().cpu(), args[2].detach().float().cpu())  # (N, k) idx, (N, k) w
-        return hook
-
-    def close(self):
-        for h in self.handles:
-            h.remove()
+def _recorder(model):
+    """A routing tap keeping each MoE block's last (top-k index, weights) on CPU: (N, k), (N, k)."""
+    seen: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+    tap = RoutingTap(ModelAdapter.for_model(model),
+                     lambda i, idx, w: seen.__setitem__(i, (idx.detach().cpu(), w.detach().float().cpu())))
+    return tap, seen
 
 
 def _agreement(a: tuple, b: tuple) -> tuple[int, int]:
@@ -50,11 +40,12 @@ def _agreement(a: tuple, b: tuple) -> tuple[int, int]:
 @torch.inference_mode()
 def compare(fp_model, q_model, windows: torch.Tensor, batch_size: int = 8) -> dict:
     """Routing and output fidelity of ``q_model`` against ``fp_model`` over windows (n, T) of token ids."""
-    rec_fp, rec_q = _RouteRecorder(fp_model), _RouteRecorder(q_model)
-    same_set = {i: 0 for i in rec_fp.blocks}
-    same_top1 = {i: 0 for i in rec_fp.blocks}
+    (tap_fp, seen_fp), (tap_q, seen_q) = _recorder(fp_model), _recorder(q_model)
+    blocks = ModelAdapter.for_model(fp_model).moe_blocks()
+    same_set = {i: 0 for i in blocks}
+    same_top1 = {i: 0 for i in blocks}
     tokens, kl_sum, kl_n = 0, 0.0, 0
-    try:
+    with tap_fp, tap_q:
         for s in progress(range(0, windows.shape[0], batch_size), desc="fidelity", unit="batch"):
             ids = windows[s:s + batch_size]
             lp_fp = F.log_softmax(fp_model(input_ids=ids.to(fp_model.device)).logits.float(), -1).cpu()  # (b, T, V)
@@ -63,15 +54,12 @@ def compare(fp_model, q_model, windows: torch.Tensor, batch_size: int = 8) -> di
             kl_sum += float(kl.double().sum())
             kl_n += kl.numel()
             tokens += ids.numel()
-            for i in rec_fp.blocks:
-                a, b = _agreement(rec_fp.seen[i], rec_q.seen[i])
+            for i in blocks:
+                a, b = _agreement(seen_fp[i], seen_q[i])
                 same_set[i] += a
                 same_top1[i] += b
-    finally:
-        rec_fp.close()
-        rec_q.close()
     layers = {i: {"topk_set_agreement": same_set[i] / tokens, "top1_agreement": same_top1[i] / tokens}
-              for i in rec_fp.blocks}
+              for i in blocks}
     n = max(1, len(layers))
     return {
         "routing": layers,

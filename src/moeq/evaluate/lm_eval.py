@@ -2,8 +2,10 @@
 
 ``run_tasks(model, tokenizer, ["piqa", "mmlu", ...])`` wraps the model in lm-eval's ``HFLM`` and runs
 ``lm_eval.simple_evaluate`` over moeq's task definitions (``moeq.evaluate.tasks``: harness-equivalent
-configs whose documents are read from the local data folder). ``HF_DATASETS_OFFLINE`` /
-``HF_HUB_OFFLINE`` are set before lm-eval or ``datasets`` is imported; nothing is downloaded.
+configs whose documents are read from the local data folder). Nothing is downloaded: task building
+and evaluation run inside :func:`offline`, which sets ``HF_HUB_OFFLINE`` and friends (and the
+module-level copies that ``huggingface_hub``, ``datasets`` and ``evaluate`` read at import) only for
+that duration and restores the caller's environment exactly afterwards.
 
 Settings: 0-shot except MMLU (5-shot from dev, first five) and GSM8K (8-shot chain of thought);
 greedy generation; metrics under the harness's names: acc, acc_norm (hellaswag, piqa, arc_*,
@@ -23,18 +25,74 @@ from __future__ import annotations
 import contextlib
 import copy
 import functools
+import importlib
 import logging
 import os
-from typing import Any
+from typing import Any, Iterator
 
 from moeq.evaluate.tasks import TASKS, available_tasks, task_configs, task_options
 
 __all__ = ["available_tasks", "build_task", "run_tasks"]
 
 
-def _offline() -> None:
-    for var in ("HF_DATASETS_OFFLINE", "HF_HUB_OFFLINE", "HF_EVALUATE_OFFLINE", "TRANSFORMERS_OFFLINE"):
-        os.environ[var] = "1"
+OFFLINE_ENV = dict.fromkeys(
+    ("HF_DATASETS_OFFLINE", "HF_HUB_OFFLINE", "HF_EVALUATE_OFFLINE", "TRANSFORMERS_OFFLINE"), "1")
+# module-level copies of those variables, read once when the module is first imported (installed versions:
+# huggingface_hub.constants, datasets.config, evaluate.config); the libraries consult these, not os.environ
+OFFLINE_CONSTANTS = (("huggingface_hub.constants", "HF_HUB_OFFLINE"), ("datasets.config", "HF_HUB_OFFLINE"),
+                     ("datasets.config", "HF_DATASETS_OFFLINE"), ("evaluate.config", "HF_EVALUATE_OFFLINE"))
+
+
+def _restore_environ(saved: dict[str, str]) -> None:
+    """Make os.environ equal ``saved`` again: variables added since are removed, changed ones reset."""
+    for key in [k for k in os.environ if k not in saved]:
+        del os.environ[key]
+    for key, val in saved.items():
+        if os.environ.get(key) != val:
+            os.environ[key] = val
+
+
+@contextlib.contextmanager
+def scoped_env(values: dict[str, str]) -> Iterator[None]:
+    """os.environ with ``values`` set inside the block and exactly as before after it: variables that
+    were unset are removed again, and so is anything a library set inside (lm_eval's import sets
+    ``HF_XET_HIGH_PERFORMANCE``, torch._dynamo's ``TORCHINDUCTOR_CACHE_DIR``)."""
+    saved = dict(os.environ)
+    try:
+        os.environ.update(values)
+        yield
+    finally:
+        _restore_environ(saved)
+
+
+def _offline_constants() -> list[tuple[Any, str]]:
+    """(module, attribute) of every importable offline constant. The caller imports them before setting
+    the offline variables, so a first import reads what it would read anyway and restoring is exact."""
+    out = []
+    for mod, attr in OFFLINE_CONSTANTS:
+        try:
+            m = importlib.import_module(mod)
+        except ImportError:
+            continue
+        if hasattr(m, attr):
+            out.append((m, attr))
+    return out
+
+
+@contextlib.contextmanager
+def offline() -> Iterator[None]:
+    """Nothing is downloaded inside the block: the offline variables are set (lm-eval, imported inside,
+    sees them) and the libraries' already-read constants are switched on; both are restored on exit."""
+    with scoped_env({}):  # the snapshot comes first: what the imports below set is undone as well
+        saved = [(m, attr, getattr(m, attr)) for m, attr in _offline_constants()]
+        os.environ.update(OFFLINE_ENV)
+        try:
+            for m, attr, _ in saved:
+                setattr(m, attr, True)
+            yield
+        finally:
+            for m, attr, val in reversed(saved):
+                setattr(m, attr, val)
 
 
 def _check_names(tasks, num_fewshot) -> list[str]:
@@ -56,12 +114,12 @@ class _Fit:
         self.tokenizer, self.max_length = tokenizer, int(max_length)
 
     def count(self, text: str) -> int:
-        return len(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+        return len(self.tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"])
 
 
 @functools.cache
 def _task_class():
-    """``ConfigurableTask`` that drops few-shot examples until the prompt fits (built after _offline())."""
+    """``ConfigurableTask`` that drops few-shot examples until the prompt fits (built inside offline())."""
     from lm_eval.api.task import ConfigurableTask
 
     class MoeqTask(ConfigurableTask):
@@ -96,14 +154,14 @@ def build_task(name: str, data_dir=None, tokenizer=None, max_length: int | None 
                num_fewshot: int | None = None) -> list:
     """lm-eval Task objects for one moeq task: one, or one per subject for MMLU. With ``tokenizer``
     and ``max_length`` few-shot prompts are fitted to that context (see the module docstring)."""
-    _offline()
-    cls = _task_class()
     fit = _Fit(tokenizer, max_length) if tokenizer is not None and max_length else None
     tasks = []
-    for cfg in task_configs(name, data_dir, max_length, num_fewshot):
-        task = cls(config=cfg)
-        task.moeq_fit = fit
-        tasks.append(task)
+    with offline():
+        cls = _task_class()
+        for cfg in task_configs(name, data_dir, max_length, num_fewshot):
+            task = cls(config=cfg)
+            task.moeq_fit = fit
+            tasks.append(task)
     return tasks
 
 
@@ -123,21 +181,18 @@ def _aggregate(parts: list[dict[str, float]], sizes: list[int], metrics: list[st
 
 
 @contextlib.contextmanager
-def _quiet_env():
-    """lm-eval logs a warning per task (57 for MMLU) about in-memory models and custom datasets: keep
-    errors only while we run; compute bootstrap stderrs (perplexity) in-process, without a worker pool."""
+def _quiet_env() -> Iterator[None]:
+    """Offline (see :func:`offline`); lm-eval logs a warning per task (57 for MMLU) about in-memory models
+    and custom datasets: keep errors only while we run; compute bootstrap stderrs (perplexity)
+    in-process, without a worker pool. Everything is restored on exit."""
     logger = logging.getLogger("lm_eval")
-    level, prev = logger.level, os.environ.get("DISABLE_MULTIPROC")
+    level = logger.level
     logger.setLevel(max(level, logging.ERROR))
-    os.environ["DISABLE_MULTIPROC"] = "1"
     try:
-        yield
+        with offline(), scoped_env({"DISABLE_MULTIPROC": "1"}):
+            yield
     finally:
         logger.setLevel(level)
-        if prev is None:
-            os.environ.pop("DISABLE_MULTIPROC", None)
-        else:
-            os.environ["DISABLE_MULTIPROC"] = prev
 
 
 def _flatten(res: dict[str, Any], primary: str) -> dict[str, float]:
@@ -165,20 +220,18 @@ def run_tasks(model, tokenizer, tasks: list[str], limit: int | None = None,
     ``humaneval`` executes the generated code (see ``moeq.evaluate.tasks.humaneval`` for the sandbox).
     """
     names = _check_names(tasks, num_fewshot)
-    _offline()
-    try:
-        import lm_eval
-        from lm_eval.models.huggingface import HFLM
-        from lm_eval.tasks import TaskManager
-    except ImportError as e:
-        raise ImportError(f"downstream tasks need lm-evaluation-harness: pip install 'moeq[eval]' ({e})") from e
-
     if device is not None:
         model.to(device)
     model.eval()
     if getattr(tokenizer, "pad_token_id", None) is None:  # HFLM would set one on the caller's tokenizer
         tokenizer = copy.deepcopy(tokenizer)
     with _quiet_env():
+        try:  # first imported here, offline
+            import lm_eval
+            from lm_eval.models.huggingface import HFLM
+            from lm_eval.tasks import TaskManager
+        except ImportError as e:
+            raise ImportError(f"downstream tasks need lm-evaluation-harness: pip install 'moeq[eval]' ({e})") from e
         lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
         built = {n: build_task(n, data_dir, lm.tokenizer, lm.max_length, (num_fewshot or {}).get(n)) for n in names}
         out = lm_eval.simple_evaluate(model=lm, tasks=[t for ts in built.values() for t in ts],

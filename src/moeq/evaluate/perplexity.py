@@ -44,18 +44,14 @@ def _byte_ends(text: str, offsets: list[tuple[int, int]]) -> np.ndarray:
 
 
 def _encode(tokenizer, text: str):
-    enc = tokenizer(text, return_offsets_mapping=True, add_special_tokens=True)
+    # long texts are tokenized in one call on purpose: verbose=False silences the "longer than
+    # model_max_length" warning without touching the caller's tokenizer
+    enc = tokenizer(text, return_offsets_mapping=True, add_special_tokens=True, verbose=False)
     return enc["input_ids"], _byte_ends(text, enc["offset_mapping"])
-
-
-def _max_text_len(tokenizer) -> None:
-    # long texts are tokenized in one call on purpose; silence the "longer than model_max_length" warning
-    tokenizer.model_max_length = int(1e12)
 
 
 def wikitext2_windows(tokenizer, seqlen: int, data_dir=None) -> Windows:
     src = load_text("wikitext2", "test", data_dir)
-    _max_text_len(tokenizer)
     ids, ends = _encode(tokenizer, src.joined())
     n = len(ids) // seqlen
     if n == 0:
@@ -67,7 +63,6 @@ def wikitext2_windows(tokenizer, seqlen: int, data_dir=None) -> Windows:
 
 def c4_windows(tokenizer, seqlen: int, n: int = 256, seed: int = 0, data_dir=None) -> Windows:
     src = load_text("c4", "validation", data_dir)
-    _max_text_len(tokenizer)
     rng = random.Random(seed)
     cache: dict[int, tuple] = {}
     rows, nbytes = [], []

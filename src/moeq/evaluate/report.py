@@ -14,6 +14,34 @@ import json
 SCHEMA_VERSION = 1
 
 
+def build_report(name: str, info, model, adapter, cfg, calib, rows: list[dict], loop, metrics: dict, run,
+                 device: str) -> dict:
+    """The report of one run (everything but ``size``, ``memory``, ``seconds`` and ``peak_memory_mb``)."""
+    from .. import __version__
+
+    return {
+        "schema_version": SCHEMA_VERSION,
+        "moeq_version": __version__,
+        "model": {"name": name, "path": info.path, "model_type": info.config.model_type,
+                  "architecture": type(model).__name__, "params": adapter.param_count(),
+                  "num_experts": adapter.num_experts, "top_k": adapter.top_k},
+        "method": cfg.method,
+        "quant_label": cfg.plan.label(),
+        "quant": cfg.to_dict(),
+        "calibration": calib.describe() if calib is not None else None,
+        **bit_stats(rows),
+        "modules": rows,
+        "fallbacks": [{"name": r["name"], "policy": r["fallback"], "tokens": r["tokens"]}
+                      for r in rows if r.get("fallback")],
+        "expert_tokens": {str(k): v for k, v in sorted(loop.expert_tokens.items())},
+        "full_precision": adapter.full_precision_modules(),
+        "metrics": metrics,
+        "notes": (list(calib.notes) if calib is not None else []) + run.notes,
+        "transforms": run.transforms.describe(),
+        "device": device,
+    }
+
+
 def bit_stats(rows: list[dict], scale_bits: int = 16) -> dict:
     """Average bits over the quantized linears: sum(bits x params) / sum(params), and the same
     including one scale (and zero point, when asymmetric) per group and output row."""

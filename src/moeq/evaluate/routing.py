@@ -1,8 +1,7 @@
 """Expert usage and the expert-balance metric (MoEQuant Eq. 4), measured on any token windows.
 
-Usage counts come from the routing the model itself does: a forward pre-hook on every layer's
-experts module reads the ``top_k_index`` the router produced (works for fused and per-expert
-layouts alike). Balance of a set: per MoE layer, normalise the top-k counts to frequencies that sum
+Usage counts come from the routing the model itself does (:class:`~moeq.models.moe.RoutingTap` reads
+the ``top_k_index`` the router handed every layer's experts module; fused and per-expert layouts alike). Balance of a set: per MoE layer, normalise the top-k counts to frequencies that sum
 to 1, take their sample standard deviation over experts (1/(E-1)), and average over MoE layers.
 """
 
@@ -11,6 +10,7 @@ from __future__ import annotations
 import torch
 
 from ..models.adapter import ModelAdapter
+from ..models.moe import RoutingTap
 from ..utils.progress import progress
 
 
@@ -31,22 +31,14 @@ def balance_std(counts: dict[int, list[int]] | list[list[int]]) -> float:
 def expert_usage(model, windows: torch.Tensor, batch_size: int = 8, desc: str = "routing") -> dict[int, list[int]]:
     """{block index: tokens routed to each expert} over windows (n, T) of token ids."""
     ad = ModelAdapter.for_model(model)
-    if ad.spec.moe is not None and ad.spec.moe.layout == "modulelist":
-        ad.unfuse()  # remote-code blocks call their experts one by one; the ExpertSet sees the routing
     counts = {i: torch.zeros(ad.num_experts, dtype=torch.long) for i in ad.moe_blocks()}
-    handles = []
-    for i in ad.moe_blocks():
-        def hook(mod, args, i=i):
-            idx = args[1]  # (N, k) top_k_index, the experts module's second argument
-            counts[i] += torch.bincount(idx.reshape(-1).cpu(), minlength=ad.num_experts)[: ad.num_experts]
-        handles.append(ad.experts(i).register_forward_pre_hook(hook))
+
+    def count(i, idx, w):  # idx (N, k) top_k_index
+        counts[i] += torch.bincount(idx.reshape(-1).cpu(), minlength=ad.num_experts)[: ad.num_experts]
     dev = model.get_input_embeddings().weight.device
-    try:
+    with RoutingTap(ad, count):
         for s in progress(range(0, windows.shape[0], batch_size), desc=desc, unit="batch"):
             model(input_ids=windows[s:s + batch_size].to(dev), use_cache=False)
-    finally:
-        for h in handles:
-            h.remove()
     return {i: c.tolist() for i, c in counts.items()}
 
 

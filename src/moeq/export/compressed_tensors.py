@@ -7,7 +7,8 @@ packed ``weight_zero_point``. Keys follow the layout of the family's own Hugging
 what vLLM and transformers' loaders expect. ``quantization_config`` holds one config group per
 distinct scheme with regex targets, and ``ignore`` lists the modules kept in full precision
 (routers, shared-expert gates, lm_head). Everything else (embeddings, norms, biases, routers) is
-stored unchanged in the checkpoint dtype.
+stored unchanged in the checkpoint dtype. Tensors are produced per part (a block, or the embeddings and
+head) so the writer (:mod:`.writer`) can stream them to disk as each block finishes.
 """
 
 from __future__ import annotations
@@ -15,17 +16,12 @@ from __future__ import annotations
 import json
 import re
 from collections import defaultdict
-from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
 
 from ..models.adapter import ModelAdapter
 from ..quant.primitives import QuantArgs
 from ..solvers.base import QuantResult
-
-SHARD_BYTES = 4 << 30
-
 
 def config_groups(names_by_args: dict[QuantArgs, list[str]], all_names: list[str]) -> dict[QuantArgs, list[str]]:
     """Compact regex targets per scheme. A name's numbers (expert, then layer) are wildcarded as long as
@@ -63,16 +59,17 @@ def _merge_alternatives(patterns: list[str]) -> set[str]:
             for head, tails in groups.items()}
 
 
-def quantization_config(adapter: ModelAdapter, results: dict[str, QuantResult], act=None) -> dict:
-    """The ``quantization_config`` dict for config.json (compressed-tensors schema); ``act``
-    (:class:`moeq.quant.act.ActQuantArgs`) adds the dynamic per-token ``input_activations`` scheme."""
+def quantization_config(adapter: ModelAdapter, schemes: dict[str, QuantArgs], act=None) -> dict:
+    """The ``quantization_config`` dict for config.json (compressed-tensors schema) of the quantized linears
+    ``schemes`` (full name -> grid); ``act`` (:class:`moeq.quant.act.ActQuantArgs`) adds the dynamic
+    per-token ``input_activations`` scheme."""
     act_args = act.compressed_tensors_args() if act is not None else None
     from compressed_tensors import __version__ as ct_version
     from compressed_tensors.quantization import QuantizationArgs, QuantizationConfig, QuantizationScheme
 
     by_args: dict[QuantArgs, list[str]] = defaultdict(list)
-    for name, r in results.items():
-        by_args[r.args].append(adapter.checkpoint_name(name))
+    for name, args in schemes.items():
+        by_args[args].append(adapter.checkpoint_name(name))
     all_names = [adapter.checkpoint_name(li.name) for li in adapter.linears()]
     groups = {}
     for k, (args, targets) in enumerate(sorted(config_groups(by_args, all_names).items(),
@@ -85,7 +82,7 @@ def quantization_config(adapter: ModelAdapter, results: dict[str, QuantResult], 
             input_activations=QuantizationArgs(**act_args) if act_args else None,
         )
     ignore = [adapter.checkpoint_name(n) for n in adapter.full_precision_modules()]
-    unquantized = [adapter.checkpoint_name(li.name) for li in adapter.linears() if li.name not in results]
+    unquantized = [adapter.checkpoint_name(li.name) for li in adapter.linears() if li.name not in schemes]
     cfg = QuantizationConfig(config_groups=groups, ignore=ignore + unquantized, format="pack-quantized",
                              quantization_status="compressed")
     d = cfg.model_dump(exclude_none=False)
@@ -108,16 +105,16 @@ def packed_tensors(prefix: str, r: QuantResult, scale_dtype: torch.dtype) -> dic
     return out
 
 
-def _state_dict(adapter: ModelAdapter, results: dict[str, QuantResult], dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    model = adapter.model
+def part_tensors(adapter: ModelAdapter, module: torch.nn.Module, prefix: str, results: dict[str, QuantResult],
+                 dtype: torch.dtype, skip: tuple[str, ...] = ()) -> dict[str, torch.Tensor]:
+    """The checkpoint tensors of ``module`` (full names start with ``prefix``): its parameters and persistent
+    buffers in the checkpoint dtype, every quantized linear (``results``, full names) as packed tensors,
+    all under the family's checkpoint names. ``skip``: full tensor names left out (a tied head)."""
     sd: dict[str, torch.Tensor] = {}
-    tied = bool(getattr(model.config, "tie_word_embeddings", False))
-    quantized = set(results)
-    for key, t in model.state_dict().items():
+    for rel, t in module.state_dict().items():
+        key = f"{prefix}{rel}"
         mod, _, leaf = key.rpartition(".")
-        if mod in quantized and leaf == "weight":
-            continue
-        if tied and key == f"{adapter.spec.lm_head}.weight":
+        if (mod in results and leaf == "weight") or key in skip:
             continue
         sd[adapter.checkpoint_name(key)] = t.detach().to("cpu", dtype if t.is_floating_point() else t.dtype).contiguous()
     for name, r in results.items():
@@ -125,54 +122,28 @@ def _state_dict(adapter: ModelAdapter, results: dict[str, QuantResult], dtype: t
     return sd
 
 
-def save_checkpoint(adapter: ModelAdapter, results: dict[str, QuantResult], out_dir: str | Path,
-                    dtype: torch.dtype, tokenizer=None, act=None) -> dict:
-    """Write config.json (+quantization_config), safetensors shards, tokenizer. -> {"bytes": .., "files": [..]}."""
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    sd = _state_dict(adapter, results, dtype)
-    shards, cur, size = [], {}, 0
-    for k in sorted(sd):
-        n = sd[k].numel() * sd[k].element_size()
-        if cur and size + n > SHARD_BYTES:
-            shards.append(cur)
-            cur, size = {}, 0
-        cur[k], size = sd[k], size + n
-    shards.append(cur)
-    files = []
-    if len(shards) == 1:
-        save_file(shards[0], str(out / "model.safetensors"), metadata={"format": "pt"})
-        files.append("model.safetensors")
-    else:
-        weight_map = {}
-        for i, sh in enumerate(shards):
-            fn = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-            save_file(sh, str(out / fn), metadata={"format": "pt"})
-            files.append(fn)
-            weight_map.update({k: fn for k in sh})
-        total = sum(t.numel() * t.element_size() for t in sd.values())
-        (out / "model.safetensors.index.json").write_text(
-            json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
+def bf16_size_bytes(adapter: ModelAdapter) -> int:
+    """What the same model takes as a plain bf16 checkpoint (tied weights once)."""
+    return adapter.param_count() * 2
+
+
+def write_config(folder, adapter: ModelAdapter, schemes: dict[str, QuantArgs], dtype: torch.dtype, act=None,
+                 tokenizer=None, source_dir=None) -> None:
+    """config.json with ``quantization_config``, the generation config (the source's own file when it has
+    one) and the tokenizer files."""
+    import shutil
+    from pathlib import Path
+
+    folder = Path(folder)
     cfg = adapter.model.config.to_dict()
     cfg["dtype"] = str(dtype).replace("torch.", "")
     cfg.pop("torch_dtype", None)
-    cfg["quantization_config"] = quantization_config(adapter, results, act)
-    (out / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
-    gen = getattr(adapter.model, "generation_config", None)
-    if gen is not None:
-        gen.save_pretrained(out)
+    cfg["quantization_config"] = quantization_config(adapter, schemes, act)
+    (folder / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
+    src_gen = Path(source_dir) / "generation_config.json" if source_dir else None
+    if src_gen is not None and src_gen.is_file():
+        shutil.copyfile(src_gen, folder / "generation_config.json")
+    elif getattr(adapter.model, "generation_config", None) is not None:
+        adapter.model.generation_config.save_pretrained(folder)
     if tokenizer is not None:
-        tokenizer.save_pretrained(out)
-    return {"bytes": sum((out / f).stat().st_size for f in files), "files": files}
-
-
-def bf16_size_bytes(adapter: ModelAdapter) -> int:
-    """What the same model takes as a plain bf16 checkpoint (tied weights once)."""
-    model = adapter.model
-    seen, total = set(), 0
-    for p in model.parameters():
-        if id(p) in seen:
-            continue
-        seen.add(id(p))
-        total += p.numel() * 2
-    return total
+        tokenizer.save_pretrained(folder)

@@ -10,12 +10,13 @@ names every quantizable linear by its full module name, e.g.
 from __future__ import annotations
 
 import re
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-from .moe import ExpertSet, refuse_expert_set, unfuse_fused_experts, wrap_module_list
+from .moe import ExpertSet, RoutedCall, RoutingObserver, refuse_expert_set, unfuse_fused_experts, wrap_module_list
 from .registry import ArchSpec, get_spec
 
 
@@ -105,36 +106,93 @@ class ModelAdapter:
         """The whole MoE block (parent of router and experts)."""
         return get_submodule(self.blocks[i], self.spec.moe.experts.rpartition(".")[0]) if self.is_moe_block(i) else None
 
-    # ------------------------------------------------------------------ unfuse / refuse
+    # ------------------------------------------------------------------ per-expert view
     @property
     def is_unfused(self) -> bool:
         return all(isinstance(self.experts(i), ExpertSet) for i in self.moe_blocks())
 
-    def unfuse(self) -> "ModelAdapter":
-        """Swap every layer's experts for the per-expert ExpertSet view (idempotent)."""
+    def unfuse_block(self, i: int) -> None:
+        """Swap block i's experts for the per-expert ExpertSet view (idempotent; free on the meta device)."""
         moe = self.spec.moe
+        ex = self.experts(i)
+        if ex is None or isinstance(ex, ExpertSet):
+            return
+        es = unfuse_fused_experts(ex, moe.proj_names) if moe.layout == "fused" else wrap_module_list(ex)
+        es.names = [f"{self.block_name(i)}.{moe.experts}.{e}" for e in range(len(es))]
+        set_submodule(self.blocks[i], moe.experts, es)
+        if moe.dispatch:  # remote-code blocks call e.g. self.moe_infer(x, idx, w): route it through the set
+            setattr(self.moe_module(i), moe.dispatch, es.forward)
+
+    def refuse_block(self, i: int) -> None:
+        """Write block i's per-expert weights back into its fused parameters (module-list layouts stay)."""
+        es = self.experts(i)
+        if isinstance(es, ExpertSet) and es.source[0] is not None:
+            set_submodule(self.blocks[i], self.spec.moe.experts, refuse_expert_set(es))
+
+    def unfuse(self) -> "ModelAdapter":
         for i in self.moe_blocks():
-            ex = self.experts(i)
-            if isinstance(ex, ExpertSet):
-                continue
-            if moe.layout == "fused":
-                es = unfuse_fused_experts(ex, moe.proj_names)
-            else:
-                es = wrap_module_list(ex)
-            set_submodule(self.blocks[i], moe.experts, es)
-            if moe.dispatch:  # remote-code blocks call e.g. self.moe_infer(x, idx, w): route it through the set
-                setattr(self.moe_module(i), moe.dispatch, es.forward)
+            self.unfuse_block(i)
         return self
 
     def refuse(self) -> "ModelAdapter":
-        """Write per-expert weights back into fused parameters and restore the model's own modules."""
-        moe = self.spec.moe
         for i in self.moe_blocks():
-            es = self.experts(i)
-            if not isinstance(es, ExpertSet) or es.source[0] is None:
-                continue  # module-list layouts stay as they are
-            set_submodule(self.blocks[i], moe.experts, refuse_expert_set(es))
+            self.refuse_block(i)
         return self
+
+    @contextmanager
+    def per_expert(self):
+        """The per-expert view for the duration of the block; the model's own layout is restored after."""
+        was = self.is_unfused
+        self.unfuse()
+        try:
+            yield self
+        finally:
+            if not was:
+                self.refuse()
+
+    # ------------------------------------------------------------------ routing
+    def routing_parents(self, i: int) -> dict[str, nn.Module]:
+        """Full name -> module of every module whose linears see routed rows (experts, shared expert)."""
+        out = {}
+        es = self.experts(i)
+        if isinstance(es, ExpertSet):
+            out.update(dict(zip(es.names, es)))
+        shared = self.shared_expert(i)
+        if shared is not None:
+            out[f"{self.block_name(i)}.{self.spec.moe.shared_experts}"] = shared
+        return out
+
+    @contextmanager
+    def routing(self, i: int, coverage_all: bool = False):
+        """Observe block i's routing: ``with adapter.routing(i) as r: ...; r.call(expert_name)`` is the
+        RoutedCall of that expert in the current forward. The shared expert gets c = its gate's coefficient
+        per token (registry ``shared_combine``: sigmoid(shared_gate(x)), or 1 where the model applies none).
+        With ``coverage_all`` every expert computes every token (statistics only; outputs stay routed)."""
+        obs = RoutingObserver(coverage_all)
+        es = self.experts(i)
+        if es is not None and not isinstance(es, ExpertSet):
+            raise RuntimeError("experts are still fused: use the per-expert view (adapter.per_expert())")
+        handles = []
+        shared = self.shared_expert(i)
+        if shared is not None:
+            name = f"{self.block_name(i)}.{self.spec.moe.shared_experts}"
+            gate = self.shared_gate(i) if self.spec.moe.shared_combine == "sigmoid_gate" else None
+
+            def hook(mod, args):
+                x = args[0].reshape(-1, args[0].shape[-1])  # (N, H)
+                c = torch.sigmoid(gate(x)).reshape(-1) if gate is not None else torch.ones(x.shape[0], device=x.device)
+                obs.calls[name] = RoutedCall(torch.arange(x.shape[0], device=x.device), c,
+                                             torch.ones_like(c, dtype=torch.bool))
+            handles.append(shared.register_forward_pre_hook(hook))
+        if es is not None:
+            es.observer = obs
+        try:
+            yield obs
+        finally:
+            for h in handles:
+                h.remove()
+            if es is not None:
+                es.observer = None
 
     # ------------------------------------------------------------------ linears and groups
     def _existing(self, i: int, paths) -> list[str]:
@@ -146,11 +204,9 @@ class ModelAdapter:
         gate_up, down, info = [], [], []
         if self.is_moe_block(i):
             moe = self.spec.moe
-            es = self.experts(i)
-            if not isinstance(es, ExpertSet):
-                raise RuntimeError("experts are still fused: call adapter.unfuse() first")
+            es = self.experts(i)  # names are the same in the fused and the per-expert view
             eg, eu, ed = moe.proj_names
-            for e in range(len(es)):
+            for e in range(len(es) if isinstance(es, ExpertSet) else es.gate_up_proj.shape[0]):
                 base = f"{moe.experts}.{e}"
                 gate_up += [f"{base}.{eg}", f"{base}.{eu}"]
                 down.append(f"{base}.{ed}")
@@ -212,7 +268,13 @@ class ModelAdapter:
         return name
 
     def param_count(self) -> int:
-        return sum(p.numel() for p in self.model.parameters())
+        """Parameters, a tied head counted once (materialized or not)."""
+        n = sum(p.numel() for p in self.model.parameters())
+        head = get_submodule(self.model, self.spec.lm_head)
+        emb = get_submodule(self.model, self.spec.embed)
+        if getattr(self.config, "tie_word_embeddings", False) and head.weight is not emb.weight:
+            n -= head.weight.numel()  # tied in the model's definition, two tensors in a streamed skeleton
+        return n
 
 
 def routing_weights(logits: torch.Tensor, adapter: ModelAdapter, router: nn.Module | None = None):

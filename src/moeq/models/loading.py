@@ -8,10 +8,12 @@ with the list of supported ``model_type`` values.
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 
 from .bundled import DEFAULT_MODEL, bundled_path
 from ..export.load import is_packed_checkpoint, load_packed
@@ -52,6 +54,60 @@ def load_config(path: str, trust_remote_code: bool = False):
 
 
 @dataclass
+class CheckpointInfo:
+    """What moeq knows of a checkpoint before reading any weight."""
+
+    path: str  # local directory
+    config: object  # transformers PretrainedConfig
+    storage_dtype: torch.dtype  # dtype of its unquantized weights (scales and full-precision tensors are stored in it)
+
+    @property
+    def spec(self):
+        return get_spec(self.config.model_type)
+
+
+def local_path(model: str | None) -> str:
+    """A local checkpoint directory for MODEL: bundled, local, or downloaded from the hub (fails fast offline)."""
+    path = resolve_model(model)
+    if Path(path).is_dir():
+        return path
+    from ..calib.sources import _hub_reachable
+
+    if os.environ.get("HF_HUB_OFFLINE") == "1" or not _hub_reachable():
+        raise CheckpointError(f"{model} is not a local checkpoint and the Hugging Face hub is not reachable (offline); "
+                              "download it on a connected machine (`huggingface-cli download ID --local-dir DIR`) "
+                              "and pass DIR")
+    from huggingface_hub import snapshot_download
+
+    try:
+        return snapshot_download(path, allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt", "*.py"])
+    except Exception as e:  # noqa: BLE001 - any hub failure gets the same actionable message
+        raise CheckpointError(f"cannot download {model} from the Hugging Face hub: {e}") from None
+
+
+def open_checkpoint(model: str | None, trust_remote_code: bool = False) -> CheckpointInfo:
+    """Resolve MODEL to a local directory and read its config (no weights); unknown architectures fail here."""
+    path = local_path(model)
+    cfg = load_config(path, trust_remote_code)
+    get_spec(cfg.model_type)
+    return CheckpointInfo(path, cfg, _as_dtype(getattr(cfg, "dtype", None) or getattr(cfg, "torch_dtype", None)))
+
+
+def load_tokenizer(path: str, trust_remote_code: bool = False):
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"cannot load the tokenizer of {path!r}: {e}") from None
+
+
+def compute_dtype(device: str, storage_dtype: torch.dtype) -> torch.dtype:
+    """fp32 on CPU (no fast bf16 matmuls there), the checkpoint's dtype on an accelerator."""
+    return torch.float32 if str(device) == "cpu" else storage_dtype
+
+
+@dataclass
 class Loaded:
     model: torch.nn.Module
     tokenizer: object
@@ -62,14 +118,14 @@ class Loaded:
 def load_model(model: str | None = None, dtype: torch.dtype | str = "auto", device: str = "cpu",
                trust_remote_code: bool = False) -> Loaded:
     """Load model (eval mode) and tokenizer. dtype "auto": fp32 on CPU, the checkpoint's dtype on GPU."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
     path = resolve_model(model)
     cfg = load_config(path, trust_remote_code)
     get_spec(cfg.model_type)  # fail early on unknown architectures
     stored = _as_dtype(getattr(cfg, "dtype", None) or getattr(cfg, "torch_dtype", None))
     if dtype == "auto":
-        dtype = torch.float32 if str(device) == "cpu" else stored
+        dtype = compute_dtype(device, stored)
     kw = {}
     qc = getattr(cfg, "quantization_config", None)
     if qc is not None and _get(qc, "quant_method") == "compressed-tensors":
@@ -82,12 +138,10 @@ def load_model(model: str | None = None, dtype: torch.dtype | str = "auto", devi
             m = load_packed(path, stored, trust_remote_code)
         else:  # read in the stored dtype, cast below: identical values for plain checkpoints
             m = AutoModelForCausalLM.from_pretrained(path, dtype=stored, trust_remote_code=trust_remote_code, **kw)
-    except (OSError, ValueError, RuntimeError, KeyError) as e:
-        raise CheckpointError(f"cannot load the weights of {path!r}: {e}") from None
-    try:
-        tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
-    except (OSError, ValueError) as e:
-        raise CheckpointError(f"cannot load the tokenizer of {path!r}: {e}") from None
+    except (OSError, ValueError, RuntimeError, KeyError, SafetensorError) as e:
+        raise CheckpointError(f"cannot load the weights of {path!r}: {e}; the files may be incomplete or corrupt: "
+                              "fetch the checkpoint again") from None
+    tok = load_tokenizer(path, trust_remote_code)
     # quantized checkpoints may come back with some weights in the storage dtype (e.g. dequantized
     # bf16 experts): compute in one dtype
     cast_floating(m, dtype).eval()

@@ -15,7 +15,7 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import nn
 
-from .primitives import SignedGrid
+from .primitives import SignedGrid, grid_round, grid_value
 
 
 @dataclass(frozen=True)
@@ -48,8 +48,7 @@ def fake_quant_tokens(x: torch.Tensor, args: ActQuantArgs) -> torch.Tensor:
     xf = x.float()
     amax = xf.abs().amax(-1, keepdim=True) * args.clip_ratio  # (..., 1)
     scale = (amax / ((args.qmax - args.qmin) / 2)).clamp_min(1e-10)  # (..., 1)
-    q = torch.clamp(torch.round(xf / scale), args.qmin, args.qmax)  # (..., d)
-    return (q * scale).to(x.dtype)
+    return grid_value(grid_round(xf, scale, None, args), scale, None).to(x.dtype)  # (..., d)
 
 
 class ActQuant:

@@ -6,17 +6,21 @@ that an export is a serialisation, not a translation:
 * signed integers q in [-2^(b-1), 2^(b-1) - 1] (int4: [-8, 7]);
 * symmetric: zero = 0, scale = max|w| / ((qmax - qmin) / 2);
 * asymmetric: scale = (max - min) / (qmax - qmin) with 0 kept in range, zero = qmin - round(min / scale);
-* q = clamp(round(w / scale) + zero, qmin, qmax), w_hat = (q - zero) * scale;
+* q = clamp(round(w / scale) + zero, qmin, qmax), w_hat = (q - zero) * scale (:func:`grid_round`,
+  :func:`grid_value`: the one implementation every solver, search and the activation quantizer use);
 * per-channel (group_size = -1) or groups of ``group_size`` consecutive input columns; with act-order
   ``g_idx[j]`` names the group of column j.
 
 Scales are rounded to the checkpoint's storage dtype (``scale_dtype``, bf16 for bf16 models) before
 the integers are chosen, so the exported checkpoint dequantizes to exactly moeq's in-memory weights.
+
+:func:`hessian_error` is the one implementation of the layer loss tr(D H D^T) of a weight error D.
 """
 
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
+from typing import Callable
 
 import torch
 
@@ -114,19 +118,39 @@ def _expand(t: torch.Tensor, args: QuantArgs, inp: int, g_idx: torch.Tensor | No
     return t.repeat_interleave(gs, dim=1)
 
 
+def grid_round(x: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, grid: SignedGrid,
+               round_fn: Callable[[torch.Tensor], torch.Tensor] = torch.round) -> torch.Tensor:
+    """clamp(round(x / scale) + zero, qmin, qmax): the integers of x, as floats of x's dtype. ``scale``
+    and ``zero`` broadcast against x; ``zero`` None = symmetric without a zero point (activations);
+    ``round_fn`` may pass gradients straight through (LWC)."""
+    r = round_fn(x / scale)
+    return torch.clamp(r if zero is None else r + zero, grid.qmin, grid.qmax)
+
+
+def grid_value(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None) -> torch.Tensor:
+    """(q - zero) * scale: the real value of grid integers q (``zero`` None: q * scale)."""
+    return (q if zero is None else q - zero) * scale
+
+
+def hessian_error(D: torch.Tensor, H: torch.Tensor | None = None) -> torch.Tensor:
+    """tr(D H D^T) per matrix for a weight error D (out, in) with H (in, in), or batched D (B, out, in)
+    with H (B, in, in) or (in, in); H None = sum(D^2). -> 0-d tensor, or (B,)."""
+    return (((D @ H) * D) if H is not None else D.pow(2)).sum((-2, -1))
+
+
 def quantize(W: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, args: QuantArgs,
              g_idx: torch.Tensor | None = None) -> torch.Tensor:
     """Integers of W (out, in) on the grid -> int8 (out, in)."""
     inp = W.shape[1]
-    s, z = _expand(scale, args, inp, g_idx), _expand(zero, args, inp, g_idx)
-    return torch.clamp(torch.round(W.float() / s) + z, args.qmin, args.qmax).to(torch.int8)
+    s, z = _expand(scale, args, inp, g_idx), _expand(zero, args, inp, g_idx)  # (out, in) x2
+    return grid_round(W.float(), s, z, args).to(torch.int8)
 
 
 def dequantize(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, args: QuantArgs,
                g_idx: torch.Tensor | None = None) -> torch.Tensor:
     """(q - zero) * scale, in fp32 -> (out, in)."""
     inp = q.shape[1]
-    return (q.float() - _expand(zero, args, inp, g_idx)) * _expand(scale, args, inp, g_idx)
+    return grid_value(q.float(), _expand(scale, args, inp, g_idx), _expand(zero, args, inp, g_idx))
 
 
 def fake_quantize(W: torch.Tensor, args: QuantArgs, scale_dtype: torch.dtype | None = None) -> torch.Tensor:
@@ -144,9 +168,8 @@ def search_clip(W: torch.Tensor, args: QuantArgs, scale_dtype: torch.dtype | Non
     best_p = torch.ones_like(xmin)
     for i in range(int(max_shrink * grid)):
         p = 1 - i / grid
-        scale, zero = qparams_from_range(xmin * p, xmax * p, args, scale_dtype)
-        q = torch.clamp(torch.round(Wg / scale[..., None]) + zero[..., None], args.qmin, args.qmax)
-        err = ((q - zero[..., None]) * scale[..., None] - Wg).abs().pow(norm).sum(-1)  # (out, G)
+        s, z = (t[..., None] for t in qparams_from_range(xmin * p, xmax * p, args, scale_dtype))  # (out, G, 1)
+        err = (grid_value(grid_round(Wg, s, z, args), s, z) - Wg).abs().pow(norm).sum(-1)  # (out, G)
         better = err < best
         best = torch.where(better, err, best)
         best_p = torch.where(better, torch.full_like(best_p, p), best_p)

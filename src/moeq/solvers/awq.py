@@ -20,7 +20,8 @@ from typing import Callable
 
 import torch
 
-from ..quant.primitives import QuantArgs, fake_quantize, group_view, qparams_from_range
+from ..quant.primitives import QuantArgs, fake_quantize, grid_round, grid_value, group_view, qparams_from_range
+from ..quant.primitives import hessian_error as _hessian_error
 
 
 def channel_mean(rows: list[torch.Tensor], weights: list[torch.Tensor | None] | None = None) -> torch.Tensor:
@@ -82,15 +83,15 @@ def row_hessian(X: torch.Tensor, c: torch.Tensor | None = None) -> torch.Tensor:
 
 
 def hessian_error(D: torch.Tensor, H: torch.Tensor) -> float:
-    """tr(D H D^T) for a weight error D (out, d): the mean (weighted) squared output error per row."""
-    return float(((D @ H) * D).sum())
+    """tr(D H D^T) for a weight error D (out, d) as a float (the loss closures sum floats): the mean
+    (weighted) squared output error per row. See :func:`moeq.quant.primitives.hessian_error`."""
+    return float(_hessian_error(D, H))
 
 
 def _clipped_fake_quant(Wg: torch.Tensor, xmin, xmax, p: float, args: QuantArgs, scale_dtype) -> torch.Tensor:
     """Fake-quantize grouped W (out, G, gs) with each (row, group) range shrunk by p."""
-    scale, zero = qparams_from_range(xmin * p, xmax * p, args, scale_dtype)  # (out, G)
-    q = torch.clamp(torch.round(Wg / scale[..., None]) + zero[..., None], args.qmin, args.qmax)
-    return (q - zero[..., None]) * scale[..., None]  # (out, G, gs)
+    s, z = (t[..., None] for t in qparams_from_range(xmin * p, xmax * p, args, scale_dtype))  # (out, G, 1)
+    return grid_value(grid_round(Wg, s, z, args), s, z)  # (out, G, gs)
 
 
 @torch.no_grad()

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import torch
 
-from ..quant.primitives import QuantArgs, qparams_from_range, search_clip
+from ..quant.primitives import QuantArgs, grid_round, grid_value, hessian_error, qparams_from_range, search_clip
 from .base import QuantResult
 
 
@@ -111,8 +111,8 @@ def gptq(W: torch.Tensor, H: torch.Tensor, args: QuantArgs, *, blocksize: int = 
             g = col_group[:, col]  # (B,)
             s, z = scale[bidx, :, g], zero[bidx, :, g]  # (B, out)
             w = W1[:, :, i]  # (B, out)
-            qi = torch.clamp(torch.round(w / s) + z, args.qmin, args.qmax)  # (B, out)
-            q = (qi - z) * s
+            qi = grid_round(w, s, z, args)  # (B, out)
+            q = grid_value(qi, s, z)  # (B, out)
             Qint[:, :, col], Q[:, :, col] = qi, q
             d = Hinv1[:, i, i]  # (B,)
             err = (w - q) / d[:, None]  # (B, out)
@@ -125,8 +125,7 @@ def gptq(W: torch.Tensor, H: torch.Tensor, args: QuantArgs, *, blocksize: int = 
         Qint = torch.gather(Qint, 2, inv[:, None, :].expand(B, out, n))
         Q = torch.gather(Q, 2, inv[:, None, :].expand(B, out, n))
 
-    D = Q - W0  # (B, out, in)
-    losses = ((D @ H0) * D).sum((-1, -2))  # (B,)
+    losses = hessian_error(Q - W0, H0)  # (B,)
     return [
         QuantResult(Qint[b].to(torch.int8), scale[b].clone(), zero[b].clone(), args, None, float(losses[b]),
                     {"damp": float(damp_used[b]), "dead_columns": int(dead[b].sum())})

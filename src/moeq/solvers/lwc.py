@@ -14,7 +14,7 @@ from typing import Callable
 
 import torch
 
-from ..quant.primitives import QuantArgs, group_view
+from ..quant.primitives import QuantArgs, grid_round, grid_value, group_view
 
 
 def _round_ste(x: torch.Tensor) -> torch.Tensor:
@@ -34,8 +34,8 @@ def lwc_fake_quant(W: torch.Tensor, args: QuantArgs, g_lo: torch.Tensor, g_hi: t
     else:
         scale = ((xmax - xmin) / qrange).clamp_min(1e-10)
         zero = torch.clamp(args.qmin - _round_ste(xmin / scale), args.qmin, args.qmax)
-    q = torch.clamp(_round_ste(Wg / scale[..., None]) + zero[..., None], args.qmin, args.qmax)  # (out, G, gs)
-    return ((q - zero[..., None]) * scale[..., None]).reshape(W.shape)
+    s, z = scale[..., None], zero[..., None]  # (out, G, 1)
+    return grid_value(grid_round(Wg, s, z, args, _round_ste), s, z).reshape(W.shape)  # (out, in)
 
 
 def learn_clipping(weights: dict[str, torch.Tensor], args_of: Callable[[str], QuantArgs], batches: list,

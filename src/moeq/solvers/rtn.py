@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from ..quant.primitives import QuantArgs, compute_qparams, group_view, qparams_from_range, quantize, search_clip
+from ..quant.primitives import (QuantArgs, compute_qparams, group_view, hessian_error, qparams_from_range, quantize,
+                                search_clip)
 from .base import QuantResult
 
 
@@ -26,5 +27,5 @@ def rtn(W: torch.Tensor, args: QuantArgs, scale_dtype: torch.dtype | None = None
     q = quantize(W, scale, zero, args)  # (out, in)
     res = QuantResult(q, scale, zero, args)
     D = res.dequantize() - W  # (out, in)
-    res.loss = float(((D @ H) * D).sum()) if H is not None else float(D.pow(2).sum())
+    res.loss = float(hessian_error(D, H))
     return res

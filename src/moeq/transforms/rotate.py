@@ -63,12 +63,14 @@ def rotate_embedding(emb: nn.Embedding, rot: Rotation) -> None:
 
 
 def untie_lm_head(adapter: ModelAdapter) -> bool:
-    """Give the head its own weight when it shares the embeddings'; -> whether it was tied."""
+    """Give the head its own weight when it shares the embeddings'; -> whether the model was tied (in its
+    config, or by sharing one tensor). A streamed model holds the head as its own tensor already."""
     model, spec = adapter.model, adapter.spec
     head, emb = get_submodule(model, spec.lm_head), get_submodule(model, spec.embed)
-    tied = head.weight is emb.weight or head.weight.data_ptr() == emb.weight.data_ptr()
-    if tied:
+    shared = head.weight is emb.weight or (not head.weight.is_meta and head.weight.data_ptr() == emb.weight.data_ptr())
+    if shared:
         head.weight = nn.Parameter(emb.weight.data.clone(), requires_grad=emb.weight.requires_grad)
+    tied = shared or bool(getattr(model.config, "tie_word_embeddings", False))
     model.config.tie_word_embeddings = False
     text = model.config.get_text_config() if hasattr(model.config, "get_text_config") else None
     if text is not None and text is not model.config and hasattr(text, "tie_word_embeddings"):
@@ -89,43 +91,64 @@ def rotate_value_heads(block: nn.Module, v_path: str, o_path: str, rot_hd: Rotat
     _set(o.weight, rot_hd.apply(Wo).reshape(o.weight.shape))  # W_o[:, h] H
 
 
-@torch.no_grad()
-def rotate_model(adapter: ModelAdapter, seed: int = 0, value_heads: bool = True) -> dict:
-    """Fuse every norm and rotate the residual stream by a random Hadamard Q (d = hidden size).
-
-    Returns {"rotation": Rotation, "value_heads": Rotation | None, "untied": bool}: the artefact that
-    :func:`apply_rotation` replays on a fresh copy of the model."""
+def draw_rotation(adapter: ModelAdapter, seed: int = 0, value_heads: bool = True) -> tuple[Rotation, Rotation | None]:
+    """The random Hadamard Q of the residual stream (d = hidden size) and, optionally, the per-head H_hd."""
     rot = random_rotation(adapter.config.hidden_size, seed)
-    hd = head_dim(adapter)
-    rot_hd = random_rotation(hd, seed + 1, random_signs=False) if value_heads else None
-    untied = apply_rotation(adapter, rot, rot_hd)
-    return {"rotation": rot, "value_heads": rot_hd, "untied": untied}
+    rot_hd = random_rotation(head_dim(adapter), seed + 1, random_signs=False) if value_heads else None
+    return rot, rot_hd
 
 
 @torch.no_grad()
-def apply_rotation(adapter: ModelAdapter, rot: Rotation, rot_hd: Rotation | None = None) -> bool:
-    """Apply a given rotation (and optional per-head v/o rotation); -> whether the head was untied."""
-    model, spec = adapter.model, adapter.spec
+def rotate_embeddings(adapter: ModelAdapter, rot: Rotation) -> bool:
+    """Untie the head (it keeps the unrotated matrix, fused and rotated by :func:`rotate_head`) and rotate
+    the embeddings E <- E Q; -> whether the head was tied."""
     untied = untie_lm_head(adapter)
-    rotate_embedding(get_submodule(model, spec.embed), rot)
-    for i, block in enumerate(adapter.blocks):
-        for site in norm_sites(adapter, i):
-            fuse_norm(block, site)
-            rotate_inputs([get_submodule(block, p) for p in site.quantized + site.full_precision], rot)
-        rotate_outputs([get_submodule(block, p) for p in residual_writers(adapter, i)], rot)
-        pair = value_out_pair(adapter, i)
-        if rot_hd is not None and pair is not None:
-            rotate_value_heads(block, pair.prev, pair.next, rot_hd)
-    head_site = NormSite(spec.final_norm, (spec.lm_head,))
-    fuse_norm(model, head_site)
-    rotate_inputs([get_submodule(model, spec.lm_head)], rot)
+    rotate_embedding(get_submodule(adapter.model, adapter.spec.embed), rot)
+    return untied
+
+
+@torch.no_grad()
+def rotate_block(adapter: ModelAdapter, i: int, rot: Rotation, rot_hd: Rotation | None = None) -> None:
+    """Fuse block i's norms into their readers, rotate readers and writers (and v/o per head)."""
+    block = adapter.blocks[i]
+    for site in norm_sites(adapter, i):
+        fuse_norm(block, site)
+        rotate_inputs([get_submodule(block, p) for p in site.quantized + site.full_precision], rot)
+    rotate_outputs([get_submodule(block, p) for p in residual_writers(adapter, i)], rot)
+    pair = value_out_pair(adapter, i)
+    if rot_hd is not None and pair is not None:
+        rotate_value_heads(block, pair.prev, pair.next, rot_hd)
+
+
+@torch.no_grad()
+def rotate_head(adapter: ModelAdapter, rot: Rotation) -> None:
+    """Fuse the final norm into lm_head and rotate its input."""
+    spec = adapter.spec
+    fuse_norm(adapter.model, NormSite(spec.final_norm, (spec.lm_head,)))
+    rotate_inputs([get_submodule(adapter.model, spec.lm_head)], rot)
+
+
+def rotate_model(adapter: ModelAdapter, seed: int = 0, value_heads: bool = True) -> dict:
+    """Draw and apply a rotation to a whole in-memory model: {"rotation", "value_heads", "untied"}."""
+    rot, rot_hd = draw_rotation(adapter, seed, value_heads)
+    return {"rotation": rot, "value_heads": rot_hd, "untied": apply_rotation(adapter, rot, rot_hd)}
+
+
+def apply_rotation(adapter: ModelAdapter, rot: Rotation, rot_hd: Rotation | None = None) -> bool:
+    """Rotate a whole in-memory model (per-expert view); -> whether the head was untied. The block loop
+    applies the same three parts as it reaches them."""
+    untied = rotate_embeddings(adapter, rot)
+    for i in range(adapter.num_blocks):
+        rotate_block(adapter, i, rot, rot_hd)
+    rotate_head(adapter, rot)
     return untied
 
 
 # ---------------------------------------------------------------------------------------------- online
-def online_hadamard_targets(adapter: ModelAdapter) -> list[str]:
-    """Full names of every down projection (routed experts, shared experts, dense MLPs)."""
-    return [f"{adapter.block_name(i)}.{p.next}" for i in range(adapter.num_blocks) for p in up_down_pairs(adapter, i)]
+def online_hadamard_targets(adapter: ModelAdapter, blocks=None) -> list[str]:
+    """Full names of every down projection (routed experts, shared experts, dense MLPs) of ``blocks`` (all)."""
+    blocks = range(adapter.num_blocks) if blocks is None else blocks
+    return [f"{adapter.block_name(i)}.{p.next}" for i in blocks for p in up_down_pairs(adapter, i)]
 
 
 class OnlineHadamard:

@@ -4,7 +4,7 @@ Every decoder block has two residual-stream readers behind a norm (attention inp
 ``input_norm``; router, shared-expert gate, every expert's and shared expert's gate/up, or the dense
 MLP's gate/up behind ``post_attn_norm``), residual-stream writers (``attn_output`` and every down
 projection), and linear -> linear pairs whose channels line up one to one (``value_out``; up -> down
-inside each expert). Paths are block-relative; the per-expert view must be active (``adapter.unfuse()``).
+inside each expert). Paths are block-relative; the per-expert view must be active (``adapter.per_expert()``).
 """
 
 from __future__ import annotations
@@ -46,7 +46,7 @@ def _mlp_parts(adapter: ModelAdapter, i: int) -> list[str]:
     if adapter.is_moe_block(i):
         es = adapter.experts(i)
         if not isinstance(es, ExpertSet):
-            raise RuntimeError("experts are still fused: call adapter.unfuse() first")
+            raise RuntimeError("experts are still fused: use the per-expert view (adapter.per_expert())")
         parts = [f"{spec.moe.experts}.{e}" for e in range(len(es))]
         if spec.moe.shared_experts and adapter.shared_expert(i) is not None:
             parts.append(spec.moe.shared_experts)

@@ -18,11 +18,23 @@ def resolve_device(device: str = "auto") -> str:
     return device
 
 
+def peak_rss_bytes() -> int:
+    """Peak resident memory of this process. On Linux the kernel's high-water mark of this program
+    (``VmHWM``): ``ru_maxrss`` also counts the parent's memory the process was forked from before exec."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return rss if sys.platform == "darwin" else rss * 1024
+
+
 def peak_memory_mb() -> dict:
     """Peak resident memory of this process (and peak CUDA allocation when a GPU was used), MiB."""
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    rss_mb = rss / (1 << 20) if sys.platform == "darwin" else rss / 1024
-    out = {"cpu_rss": round(rss_mb, 1)}
+    out = {"cpu_rss": round(peak_rss_bytes() / (1 << 20), 1)}
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         out["cuda_allocated"] = round(torch.cuda.max_memory_allocated() / (1 << 20), 1)
     return out

@@ -14,10 +14,29 @@ class OutputExistsError(FileExistsError):
 
 def check_output(out: str | os.PathLike, overwrite: bool) -> Path:
     """Refuse an existing non-empty output unless ``overwrite``; call before any heavy work."""
+    if not str(out).strip():
+        raise ValueError("--out is empty; give an output folder")
     p = Path(out).expanduser()
-    if p.exists() and (not p.is_dir() or any(p.iterdir())) and not overwrite:
+    if p.exists() and not p.is_dir():
+        raise OutputExistsError(f"{p} is a file, not a folder; choose another --out")
+    _check_writable(p)
+    if p.exists() and any(p.iterdir()) and not overwrite:
         raise OutputExistsError(f"{p} already exists and is not empty; choose another --out or pass --overwrite")
     return p
+
+
+def _check_writable(p: Path) -> None:
+    """Fail now, not after hours of work, when the output's folder cannot be written (nothing is left behind)."""
+    import tempfile
+
+    parent = p.parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    try:
+        os.rmdir(tempfile.mkdtemp(prefix=".moeq-probe-", dir=parent))
+    except OSError as e:
+        raise ValueError(f"cannot write the output {p}: {parent} is not writable ({e.strerror}); "
+                                "choose another --out") from None
 
 
 @contextmanager

@@ -11,11 +11,12 @@ from tqdm.auto import tqdm
 log = logging.getLogger("moeq")
 
 
-def progress(iterable=None, desc: str = "", total: int | None = None, unit: str = "it", leave: bool = False):
+def progress(iterable=None, desc: str = "", total: int | None = None, unit: str = "it", leave: bool = False,
+             initial: int = 0):
     """A tqdm bar on stderr; disabled by MOEQ_QUIET=1."""
     disable = os.environ.get("MOEQ_QUIET") == "1"
     return tqdm(iterable, desc=desc, total=total, unit=unit, leave=leave, disable=disable, file=sys.stderr,
-                dynamic_ncols=True, mininterval=0.5)
+                dynamic_ncols=True, mininterval=0.5, initial=initial)
 
 
 def setup_logging(verbose: bool = False) -> None:

@@ -1,0 +1,148 @@
+"""The command line's flags, declared once: what ``moeq quantize``, ``profile``, ``plan``, ``eval`` share,
+and how the quantization flags become a :class:`~moeq.config.QuantConfig` (the library fills in the
+method's defaults for flags left unset). Parsing argv itself happens in :mod:`moeq.cli` only.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from .config import COVERAGE, FALLBACKS, AWQKnobs, BitPlan, CalibSpec, GPTQKnobs, LWCKnobs, QuantConfig
+from .quant.act import ActQuantArgs
+from .quant.primitives import QuantArgs
+
+
+def csv_list(s: str) -> tuple[str, ...]:
+    return tuple(x.strip() for x in s.split(",") if x.strip())
+
+
+def add_common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda[:N]")
+    p.add_argument("--data-dir", default=None, help="data folder (default: $MOEQ_DATA_DIR, then ../shared/data)")
+    p.add_argument("--trust-remote-code", action="store_true", help="allow remote-code model classes")
+    p.add_argument("-v", "--verbose", action="store_true")
+
+
+def fewshot(s: str) -> dict[str, int]:
+    """"mmlu=5,gsm8k=8" -> {"mmlu": 5, "gsm8k": 8}."""
+    out = {}
+    for part in csv_list(s):
+        name, _, n = part.partition("=")
+        if not n.strip().lstrip("-").isdigit():
+            raise argparse.ArgumentTypeError(f"--num-fewshot expects task=N pairs, e.g. mmlu=5,gsm8k=8; got {part!r}")
+        out[name.strip()] = int(n)
+    return out
+
+
+def add_task_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--tasks", type=csv_list, default=(),
+                   help="downstream tasks through lm-evaluation-harness, offline: hellaswag,piqa,boolq,copa,"
+                        "openbookqa,winogrande,arc_easy,arc_challenge,mmlu,mathqa,gsm8k,humaneval,lambada")
+    p.add_argument("--limit", type=int, default=None, help="first N examples of each task (each MMLU subject)")
+    p.add_argument("--num-fewshot", type=fewshot, default=None, help="per-task shots, e.g. mmlu=5,gsm8k=8")
+    p.add_argument("--task-batch-size", type=int, default=8)
+
+
+def add_quant_flags(p: argparse.ArgumentParser, method: str = "gptq", group_size: int | None = 128) -> None:
+    """The quantization flags of ``moeq quantize``, ``moeq profile`` and ``moeq plan``, declared once.
+    Flags left unset (None) take the method's defaults from the registry (``moeq methods``)."""
+    from .methods import method_names
+
+    p.add_argument("model", nargs="?", default=None, help="bundled name, checkpoint dir or hub id (default: bundled)")
+    p.add_argument("--method", choices=method_names(), default=method, help="see `moeq methods` (default %(default)s)")
+    p.add_argument("--group-size", type=int, default=group_size, help="-1 = per channel, or e.g. 32/64/128")
+    sym = p.add_mutually_exclusive_group()
+    sym.add_argument("--sym", dest="sym", action="store_true", default=True, help="symmetric grid (default)")
+    sym.add_argument("--asym", dest="sym", action="store_false", help="asymmetric grid with zero points")
+    p.add_argument("--calib", default=None,
+                   help="wikitext2, c4, gsm8k, humaneval, ebss (self-generated, cached), any text file (.jsonl/.json "
+                        "'text' field, .parquet, plain text) or a .jsonl of input_ids rows (default: the method's)")
+    p.add_argument("--ebss-width", type=int, default=4, help="EBSS beam width (default 4)")
+    p.add_argument("--ebss-tau", type=float, default=1.2, help="EBSS balance temperature (default 1.2)")
+    p.add_argument("--ebss-no-repeat-ngram", type=int, default=0,
+                   help="EBSS beams never repeat one of their n-grams (e.g. 3; default 0 = off, as in the paper)")
+    p.add_argument("--agq", action=argparse.BooleanOptionalAction, default=None,
+                   help="affinity-guided Hessians for routed and shared experts (default: the method's)")
+    p.add_argument("--agq-gate-proj", action=argparse.BooleanOptionalAction, default=True,
+                   help="also weight the experts' gate_proj (MoEQuant Eq. 17; default on)")
+    p.add_argument("--nsamples", type=int, default=128, help="calibration windows (default 128)")
+    p.add_argument("--seqlen", type=int, default=None, help="calibration window length (default: min(2048, context))")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--act-order", action="store_true", help="GPTQ act-order (static groups)")
+    p.add_argument("--damp", type=float, default=0.01, help="GPTQ relative damping (default 0.01)")
+    p.add_argument("--blocksize", type=int, default=128, help="GPTQ lazy-update block size")
+    p.add_argument("--mse-clip", action=argparse.BooleanOptionalAction, default=None,
+                   help="MSE clip search for scales, RTN and GPTQ (default: the method's)")
+    p.add_argument("--rotate", action=argparse.BooleanOptionalAction, default=None,
+                   help="QuaRot: fuse norms, rotate the residual stream by a random Hadamard (default: the method's)")
+    p.add_argument("--rotation-seed", type=int, default=0, help="seed of the random Hadamard signs")
+    p.add_argument("--act-bits", type=int, default=None,
+                   help="also fake-quantize every quantized linear's input per token (W*A*, e.g. 4); evaluation only "
+                        "unless --no-online-hadamard")
+    p.add_argument("--act-clip", type=float, default=1.0, help="per-token activation range ratio (QuaRot: 0.9)")
+    p.add_argument("--online-hadamard", action=argparse.BooleanOptionalAction, default=True,
+                   help="with --act-bits: online Hadamard before every down projection (default on)")
+    p.add_argument("--awq-grid", type=int, default=20, help="AWQ scale-exponent grid points (default 20)")
+    p.add_argument("--awq-clip", action=argparse.BooleanOptionalAction, default=True,
+                   help="AWQ output-aware clip search after the scales (default on)")
+    p.add_argument("--lwc-epochs", type=int, default=2, help="lwc: epochs per block (default 2; OmniQuant 20)")
+    p.add_argument("--lwc-lr", type=float, default=5e-2, help="lwc: learning rate (default 5e-2)")
+    p.add_argument("--true-sequential", action=argparse.BooleanOptionalAction, default=True,
+                   help="solve a block's linears group by group (q,k,v -> o -> gate/up -> down), each group's "
+                        "statistics taken after the previous groups are quantized (default); --no-true-sequential: "
+                        "one statistics pass per block for all its linears, about half the forwards")
+    p.add_argument("--expert-coverage", choices=COVERAGE, default="routed",
+                   help="routed: expert statistics from routed tokens only; all: every token through every "
+                        "expert for statistics (outputs still combine routed experts only)")
+    p.add_argument("--min-tokens", type=int, default=8, help="experts with fewer routed tokens use --fallback")
+    p.add_argument("--fallback", choices=FALLBACKS, default="rtn")
+    p.add_argument("--batch-size", type=int, default=8, help="calibration sequences per block forward")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output")
+
+
+def quant_config(a, plan: BitPlan | None = None) -> QuantConfig:
+    """The QuantConfig the quantization flags describe (``plan``: default uniform at --bits/--group-size)."""
+    plan = plan or BitPlan(default=QuantArgs(a.bits, a.group_size, a.sym))
+    return QuantConfig(
+        method=a.method, plan=plan,
+        calib=CalibSpec(a.calib, a.nsamples, a.seqlen, a.seed, a.ebss_width, a.ebss_tau, a.ebss_no_repeat_ngram),
+        gptq=GPTQKnobs(a.blocksize, a.damp, a.act_order), expert_coverage=a.expert_coverage,
+        true_sequential=a.true_sequential, min_tokens=a.min_tokens, fallback=a.fallback, mse_clip=a.mse_clip,
+        batch_size=a.batch_size, agq=a.agq, agq_gate_proj=a.agq_gate_proj,
+        awq=AWQKnobs(grid=a.awq_grid, clip=a.awq_clip), lwc=LWCKnobs(epochs=a.lwc_epochs, lr=a.lwc_lr),
+        rotate=a.rotate, rotate_seed=a.rotation_seed, online_hadamard=a.online_hadamard,
+        act=ActQuantArgs(a.act_bits, a.act_clip) if a.act_bits else None)
+
+
+def size_flag(flag: str):
+    def parse(s: str) -> int:
+        from .utils.memory import parse_size
+
+        try:
+            return parse_size(s, flag)
+        except ValueError as e:
+            raise argparse.ArgumentTypeError(str(e)) from None
+    return parse
+
+
+def add_max_memory(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--max-memory", type=size_flag("--max-memory"), default=None, metavar="SIZE",
+                   help="RAM the whole model may take in memory (default: half the free RAM); a bigger model is "
+                        "streamed block by block from its shards and its perplexity computed the same way")
+
+
+def add_run_flags(p: argparse.ArgumentParser) -> None:
+    """Memory, disk and resume: how a run executes (never what it computes)."""
+    add_max_memory(p)
+    p.add_argument("--offload-activations", choices=("auto", "device", "cpu", "disk"), default="auto",
+                   help="where calibration activations live between blocks (default auto: device, else CPU RAM, "
+                        "else disk, by what each has free)")
+    p.add_argument("--max-solve-memory", type=size_flag("--max-solve-memory"), default=None, metavar="SIZE",
+                   help="memory for one group's Hessians and batched solves (default: half the free memory of a "
+                        "GPU, at most 1GiB on CPU); "
+                        "results are identical whatever the split")
+    p.add_argument("--max-shard-size", type=size_flag("--max-shard-size"), default=5 * 10**9, metavar="SIZE",
+                   help="largest output shard (default 5GB)")
+    p.add_argument("--resume", action="store_true",
+                   help="continue an interrupted run of the same command from its last finished block")
+    p.add_argument("--kill-after-block", default=None, help=argparse.SUPPRESS)  # test hook: N or N:INT
