@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 
 from .config import BitPlan
-from .flags import add_common, add_max_memory, add_quant_flags, add_run_flags, add_task_flags, csv_list, quant_config
+from .flags import (add_common, add_eval_flags, add_max_memory, add_quant_flags, add_run_flags, csv_list, quant_config)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -26,10 +26,7 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--bits", type=int, default=4, help="weight bits, 2..8 (default 4)")
     q.add_argument("--plan", default=None,
                    help="bit plan file (.yaml/.json from `moeq plan`): per-module widths; replaces --bits/--group-size")
-    q.add_argument("--ppl", type=csv_list, default=("wikitext2",), help="perplexity sets, e.g. wikitext2,c4")
-    q.add_argument("--eval-seqlen", type=int, default=None, help="evaluation window (default: min(2048, context))")
-    q.add_argument("--ppl-limit", type=int, default=None, help="evaluate only the first N windows (quick checks)")
-    add_task_flags(q)
+    add_eval_flags(q, "--eval-seqlen")
     q.add_argument("--fidelity", action="store_true",
                    help="also measure routing fidelity and KL(FP||quantized) on WikiText-2 (keeps an FP copy)")
     q.add_argument("--skip-eval", action="store_true", help="skip the perplexity and task evaluation")
@@ -38,10 +35,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     e = sub.add_parser("eval", help="perplexity (and bits per byte) of a model or quantized checkpoint")
     e.add_argument("model", help="bundled name, checkpoint dir (quantized or not) or hub id")
-    e.add_argument("--ppl", type=csv_list, default=("wikitext2",), help="wikitext2,c4 (or none)")
-    e.add_argument("--seqlen", type=int, default=None, help="window length (default: min(2048, context))")
-    e.add_argument("--ppl-limit", type=int, default=None, help="only the first N windows of each set (quick checks)")
-    add_task_flags(e)
+    add_eval_flags(e, "--seqlen")
     e.add_argument("--balance", action="store_true",
                    help="expert-balance std and per-layer expert usage on the WikiText-2 test windows")
     e.add_argument("--against", default=None, metavar="FP_MODEL",

@@ -125,6 +125,14 @@ def size_flag(flag: str):
     return parse
 
 
+def add_eval_flags(p: argparse.ArgumentParser, seqlen_flag: str) -> None:
+    """Perplexity sets and windows, and the downstream tasks (``moeq quantize`` names the window --eval-seqlen)."""
+    p.add_argument("--ppl", type=csv_list, default=("wikitext2",), help="perplexity sets, e.g. wikitext2,c4 (or none)")
+    p.add_argument(seqlen_flag, type=int, default=None, help="evaluation window (default: min(2048, context))")
+    p.add_argument("--ppl-limit", type=int, default=None, help="only the first N windows of each set (quick checks)")
+    add_task_flags(p)
+
+
 def add_max_memory(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-memory", type=size_flag("--max-memory"), default=None, metavar="SIZE",
                    help="RAM the whole model may take in memory (default: half the free RAM); a bigger model is "
