@@ -248,3 +248,20 @@ def test_peak_memory_of_a_streamed_run_is_bounded_by_the_block_not_the_model(tmp
     # flat in depth: 18 more blocks add a fifth of their size at most (a run that kept them, or leaked 5 MB
     # per block, would not pass; the peak of either run moves by some tens of MB from run to run)
     assert deep - shallow < 0.2 * 18 * block, (deep - shallow, block)
+
+
+@pytest.mark.parametrize("sig", ["INT", "TERM"])
+def test_ctrl_c_or_sigterm_keeps_the_partial_run_and_resume_with_disk_activations_finishes_it(sig, tiny_ckpt,
+                                                                                              tmp_path):
+    d = tiny_ckpt("deepseek_v3")
+    quantize(str(d), cfg(), tmp_path / "ref", skip_eval=True)
+    base = ["quantize", d, "--method", "gptq", "--group-size", "32", "--nsamples", "4", "--seqlen", "32",
+            "--skip-eval", "--out", tmp_path / "o"]
+    stopped = _cli(*base, "--kill-after-block", f"0:{sig}")  # the signal arrives once block 0 is checkpointed
+    assert stopped.returncode == 130 and "Traceback" not in stopped.stderr
+    assert "--resume" in stopped.stderr and ".o.partial" in stopped.stderr and "1 of 3 blocks" in stopped.stderr
+    done = _cli(*base, "--resume", "--offload-activations", "disk")
+    assert done.returncode == 0, done.stderr
+    assert_same_tensors(tmp_path / "ref", tmp_path / "o")
+    rep = json.loads((tmp_path / "o" / "report.json").read_text())
+    assert rep["memory"]["activations"] == "disk" and rep["memory"]["resumed_from_block"] == 1

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import signal
 import sys
 from pathlib import Path
 
@@ -105,13 +106,11 @@ def cmd_quantize(a) -> int:
     evals = EvalSpec(ppl=_ppl_sets(a.ppl), seqlen=a.eval_seqlen, ppl_limit=a.ppl_limit, tasks=tuple(a.tasks),
                      limit=a.limit, num_fewshot=a.num_fewshot, task_batch_size=a.task_batch_size,
                      fidelity=a.fidelity)
-    import signal
-
     kill, _, sig = (a.kill_after_block or "").partition(":")
     options = RunOptions(max_memory=a.max_memory, offload_activations=a.offload_activations,
                          max_solve_memory=a.max_solve_memory, max_shard_size=a.max_shard_size, resume=a.resume,
                          kill_after_block=int(kill) if kill else None,
-                         kill_signal=signal.SIGINT if sig == "INT" else signal.SIGKILL)
+                         kill_signal={"INT": signal.SIGINT, "TERM": signal.SIGTERM}.get(sig, signal.SIGKILL))
     rep = quantize(a.model, cfg, a.out, device=a.device, evals=evals, skip_eval=a.skip_eval, overwrite=a.overwrite,
                    data_dir=a.data_dir, trust_remote_code=a.trust_remote_code, options=options)
     if a.verbose:
@@ -312,6 +311,10 @@ def cmd_models(a) -> int:
     return 0
 
 
+def _terminate(signum, frame):
+    raise KeyboardInterrupt
+
+
 def main(argv: list[str] | None = None) -> int:
     from .calib.sources import DataNotFoundError
     from .export.partial import Interrupted
@@ -323,6 +326,8 @@ def main(argv: list[str] | None = None) -> int:
     ap = build_parser()
     a = ap.parse_args(argv)
     setup_logging(getattr(a, "verbose", False))
+    if argv is None:  # the moeq process itself: SIGTERM (kill, a job scheduler) stops like Ctrl-C
+        signal.signal(signal.SIGTERM, _terminate)
     try:
         return {"quantize": cmd_quantize, "eval": cmd_eval, "calib": cmd_calib, "bench": cmd_bench,
                 "models": cmd_models, "methods": cmd_methods, "plan": _allocate_cmd("cmd_plan"),

@@ -153,4 +153,4 @@ def add_run_flags(p: argparse.ArgumentParser) -> None:
                    help="largest output shard (default 5GB)")
     p.add_argument("--resume", action="store_true",
                    help="continue an interrupted run of the same command from its last finished block")
-    p.add_argument("--kill-after-block", default=None, help=argparse.SUPPRESS)  # test hook: N or N:INT
+    p.add_argument("--kill-after-block", default=None, help=argparse.SUPPRESS)  # test hook: N, N:INT or N:TERM
