@@ -331,7 +331,7 @@ def write_checkpoint(cfg, out: str | os.PathLike, *, dtype: torch.dtype = torch.
                       f"on {out.parent}")
     from moeq.utils.fs import atomic_dir
 
-    with atomic_dir(out, overwrite=True) as tmp:  # a temporary sibling, renamed into place at the end
+    with atomic_dir(out, overwrite=True, marker=META_FILE) as tmp:  # a temporary sibling, renamed into place
         make = ValueMaker(seed, std)
         n = len(shards)
         weight_map = {}

@@ -12,6 +12,8 @@ import transformers as T
 from torch import nn
 
 os.environ.setdefault("MOEQ_QUIET", "1")
+# EBSS sets and FP figures are cached; a test session gets a cache of its own (hermetic, nothing in ~/.cache)
+os.environ.setdefault("MOEQ_CACHE", __import__("tempfile").mkdtemp(prefix="moeq-test-cache-"))
 torch.set_num_threads(min(2, torch.get_num_threads()))
 
 from moeq.models.bundled import DEFAULT_MODEL, bundled_path  # noqa: E402

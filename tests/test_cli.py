@@ -1,6 +1,8 @@
 """The command line: the main job end to end on a tiny checkpoint, and clear errors for bad input."""
 
 import json
+import os
+import sys
 
 import pytest
 import torch
@@ -33,7 +35,8 @@ def test_quantize_prints_fp_and_quantized_ppl_and_writes_report(tiny_ckpt, tmp_p
     assert 0 < fid["mean_topk_set_agreement"] <= 1 and fid["kl_fp_to_quantized"] > 0
     # the exported checkpoint evaluates to the in-memory quantized perplexity
     code, out, err = run(capsys, "eval", tmp_path / "o", "--seqlen", "128", "--ppl-limit", "40", "--tasks", "piqa",
-                         "--limit", "3", "--balance", "--against", d, "--json", tmp_path / "e.json")
+                         "--limit", "3", "--balance", "--against", d, "--json", tmp_path / "e.json",
+                         "--ppl", "wikitext2")  # with --tasks, perplexity only when asked for
     assert code == 0, err
     res = json.loads((tmp_path / "e.json").read_text())
     assert res["wikitext2"]["ppl"] == pytest.approx(q["ppl"], rel=1e-4)
@@ -51,8 +54,15 @@ def test_existing_output_is_never_overwritten_without_flag(tiny_ckpt, tmp_path, 
     assert code == 2 and "--overwrite" in err and (out / "keep.txt").read_text() == "precious"
     code, _, err = run(capsys, "quantize", tiny_ckpt("olmoe"), "--out", out, "--method", "rtn", "--group-size", "32",
                        "--skip-eval", "--overwrite")
+    assert code == 2 and "not a moeq output" in err and (out / "keep.txt").read_text() == "precious"  # foreign
+    (out / "keep.txt").unlink()
+    code, _, err = run(capsys, "quantize", tiny_ckpt("olmoe"), "--out", out, "--method", "rtn", "--group-size", "32",
+                       "--skip-eval")  # an empty folder is fine
     assert code == 0, err
-    assert not (out / "keep.txt").exists() and (out / "report.json").exists()
+    code, _, err = run(capsys, "quantize", tiny_ckpt("olmoe"), "--out", out, "--method", "rtn", "--bits", "3",
+                       "--group-size", "32", "--skip-eval", "--overwrite")  # moeq's own output: replaced
+    assert code == 0, err
+    assert json.loads((out / "report.json").read_text())["avg_bits"] == 3
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temp folders left
 
 
@@ -137,3 +147,37 @@ def test_calib_ebss_then_stats_measures_the_set_at_its_own_length(tiny_ckpt, tmp
     assert s["calib"]["seqlen"] == 12 and s["balance_std"] >= 0
     top_k = 2  # the tiny qwen2_moe config routes every token to top_k experts in every MoE layer
     assert all(sum(v["counts"]) == 2 * 12 * top_k for v in s["layers"].values())
+
+
+def test_stale_siblings_of_killed_runs_are_removed_and_live_ones_kept(tmp_path):
+    """A run killed before its final rename leaves ``.OUT.tmp-PID``; the next run on OUT removes it (its
+    process is gone) but never touches the sibling of a process that is still running."""
+    import subprocess
+
+    from moeq.utils.fs import atomic_dir, write_atomic
+
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()  # a pid that existed and is gone
+    out = tmp_path / "out"
+    stale = tmp_path / f".out.tmp-{dead.pid}"
+    (stale / "sub").mkdir(parents=True)
+    live = tmp_path / f".out.old-{os.getppid()}"
+    live.mkdir()
+    foreign = tmp_path / ".out.tmp-notapid"
+    foreign.mkdir()
+    with atomic_dir(out) as tmp:
+        (tmp / "x").write_text("1")
+    assert not stale.exists() and live.exists() and foreign.exists() and (out / "x").read_text() == "1"
+    f = tmp_path / "r.json"
+    stale_file = tmp_path / f".r.json.tmp-{dead.pid}"
+    stale_file.write_text("half")
+    write_atomic(f, "{}")
+    assert not stale_file.exists() and f.read_text() == "{}"
+
+
+def test_eval_with_tasks_skips_perplexity_unless_asked(tiny_ckpt, tmp_path, capsys):
+    d = tiny_ckpt("mixtral")
+    code, out, err = run(capsys, "eval", d, "--tasks", "copa", "--limit", "2", "--json", tmp_path / "e.json")
+    assert code == 0, err
+    res = json.loads((tmp_path / "e.json").read_text())
+    assert "copa" in res["tasks"] and "wikitext2" not in res

@@ -186,18 +186,26 @@ def test_fp8_source_quantizes_to_a_checkpoint_close_to_its_dequantized_model(tmp
     assert torch.nn.functional.cosine_similarity(a.flatten(), b.flatten(), 0) > 0.999
 
 
-def test_wrong_layer_count_in_the_config_is_refused(tiny_ckpt, tmp_path):
+def test_a_config_that_does_not_match_the_weights_is_refused_before_any_work(tiny_ckpt, tmp_path):
     d = tmp_path / "bad"
     d.mkdir()
     src = Path(tiny_ckpt("mixtral"))
     for f in src.iterdir():
         (d / f.name).write_bytes(f.read_bytes())
     c = json.loads((d / "config.json").read_text())
-    for n, what in ((c["num_hidden_layers"] + 2, "fewer"), (c["num_hidden_layers"] - 1, "more layers")):
-        (d / "config.json").write_text(json.dumps({**c, "num_hidden_layers": n}))
+    cases = [({"num_hidden_layers": c["num_hidden_layers"] + 2}, "missing .e.g. model.layers.2"),
+             ({"num_hidden_layers": c["num_hidden_layers"] - 1}, "more layers"),
+             ({"intermediate_size": c["intermediate_size"] * 2}, "other shapes")]
+    for change, what in cases:
+        (d / "config.json").write_text(json.dumps({**c, **change}))
         with pytest.raises(ValueError, match=what):
             quantize(str(d), cfg("rtn"), tmp_path / "o", skip_eval=True)
-        assert not (tmp_path / "o").exists()
+        assert not (tmp_path / "o").exists() and not (tmp_path / ".o.partial").exists()
+    (d / "config.json").write_text(json.dumps(c))
+    data = (d / "model.safetensors").read_bytes()
+    (d / "model.safetensors").write_bytes(data[: len(data) // 2])  # a truncated download
+    with pytest.raises(ValueError, match="fetch the checkpoint again"):
+        quantize(str(d), cfg("rtn"), tmp_path / "o", skip_eval=True)
 
 
 PROBE = r"""
@@ -265,3 +273,20 @@ def test_ctrl_c_or_sigterm_keeps_the_partial_run_and_resume_with_disk_activation
     assert_same_tensors(tmp_path / "ref", tmp_path / "o")
     rep = json.loads((tmp_path / "o" / "report.json").read_text())
     assert rep["memory"]["activations"] == "disk" and rep["memory"]["resumed_from_block"] == 1
+
+
+def test_a_second_run_reuses_the_fp_figures(tiny_ckpt, tmp_path, monkeypatch):
+    monkeypatch.setenv("MOEQ_CACHE", str(tmp_path / "cache"))
+    d = str(tiny_ckpt("olmoe"))
+    ev = EvalSpec(ppl_limit=2)
+    first = quantize(d, cfg("rtn"), tmp_path / "a", evals=ev)
+    calls = []
+    import moeq.pipeline as P
+
+    real = P.evaluate
+    monkeypatch.setattr(P, "evaluate", lambda *a, **k: calls.append(k.get("label") or a[-1]) or real(*a, **k))
+    second = quantize(d, cfg("rtn", bits=3), tmp_path / "b", evals=ev)
+    assert second["metrics"]["fp"] == first["metrics"]["fp"] and any("reused" in n for n in second["notes"])
+    assert len(calls) == 1  # only the quantized model was evaluated
+    third = quantize(d, cfg("rtn"), tmp_path / "c", evals=EvalSpec(ppl_limit=3))  # other settings: computed
+    assert third["metrics"]["fp"]["wikitext2"]["windows"] == 3

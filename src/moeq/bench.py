@@ -7,6 +7,8 @@ layout of the MoEQuant paper's main table: WikiText-2 PPL, C4 PPL, each task, av
 ``results.csv`` and plots (one bar chart per metric, perplexity vs bits) are written.
 Every cell records wall time per stage (calibration incl. EBSS generation, quantization, evaluation)
 and the peak resident memory sampled while it ran.
+A grid (flags or a ``--grid`` YAML) is checked whole (methods, widths, group size, tasks, perplexity
+sets, calibration sources, numbers, the model's config and context) before anything is written to OUT.
 """
 
 from __future__ import annotations
@@ -31,6 +33,10 @@ from .utils.progress import log
 # every `moeq quantize --method` (the registry, moeq.methods), plus bench-only ablation variants
 VARIANTS = {"gptq-agq": ("gptq", {"agq": True})}
 BENCH_METHODS = (*method_names(), *VARIANTS)
+# the type of each grid key: a type, a (type, None) pair for optional values, or [type] for lists
+KINDS = {"model": (str, None), "methods": [str], "bits": [int], "group_size": int, "calib": [str], "nsamples": int,
+         "seqlen": (int, None), "seed": int, "ppl": [str], "ppl_limit": (int, None), "tasks": [str],
+         "limit": (int, None)}
 
 
 def variant(method: str) -> tuple[str, dict]:
@@ -54,21 +60,34 @@ class Grid:
     limit: int | None = None
 
     def __post_init__(self):
+        from .preflight import check_ppl_sets, check_tasks
+
         unknown = [m for m in self.methods if m not in BENCH_METHODS]
         if unknown:
             raise ValueError(f"unknown bench method(s) {unknown}; choose from {', '.join(BENCH_METHODS)}")
         for b in self.bits:
             QuantArgs(b, self.group_size)  # validates
+        for key, least in (("nsamples", 1), ("seqlen", 2), ("ppl_limit", 1), ("limit", 1)):
+            v = getattr(self, key)
+            if v is not None and v < least:
+                raise ValueError(f"{key} must be >= {least}, got {v}")
+        check_ppl_sets(self.ppl)
+        check_tasks(self.tasks)
+        _check_calib(self.calib)
 
     @classmethod
     def from_yaml(cls, path) -> "Grid":
-        import yaml
-
-        data = yaml.safe_load(Path(path).read_text()) or {}
+        data = _read_yaml(path)
         unknown = set(data) - set(cls.__dataclass_fields__)
         if unknown:
-            raise ValueError(f"{path}: unknown grid keys {sorted(unknown)}; allowed: {sorted(cls.__dataclass_fields__)}")
-        return cls(**data)
+            raise ValueError(f"--grid {path}: unknown grid keys {sorted(unknown)}; allowed: "
+                             f"{', '.join(cls.__dataclass_fields__)}")
+        for key, value in data.items():
+            _check_kind(path, key, value, KINDS[key])
+        try:
+            return cls(**data)
+        except ValueError as e:
+            raise ValueError(f"--grid {path}: {e}") from None
 
     def cells(self) -> list[dict]:
         out = [{"method": "fp", "bits": 16, "calib": None}]
@@ -79,6 +98,54 @@ class Grid:
                 cals = ["ebss"] if fixed else (self.calib if m.calib is not None else [None])
                 out += [{"method": method, "bits": bits, "calib": c} for c in cals]
         return out
+
+
+def _check_calib(sources: list[str]) -> None:
+    from .calib.sources import NAMED
+
+    bad = [c for c in sources if c not in (*NAMED, "ebss") and not Path(c).expanduser().is_file()]
+    if bad:
+        raise ValueError(f"calib: unknown calibration source(s) {bad}; use {', '.join(NAMED)}, ebss or the path of "
+                         "a text file")
+
+
+def _read_yaml(path) -> dict:
+    """The mapping a --grid file holds; a missing, unreadable or malformed file is one error naming it."""
+    import yaml
+
+    p = Path(path).expanduser()
+    if not p.is_file():
+        raise ValueError(f"--grid {path} {'is a folder' if p.is_dir() else 'does not exist'}; give a YAML grid file")
+    try:
+        data = yaml.safe_load(p.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as e:
+        raise ValueError(f"--grid {path} is not UTF-8 text (byte offset {e.start}); give a YAML grid file") from None
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        raise ValueError(f"--grid {path} is not valid YAML ({getattr(e, 'problem', None) or e}{where}); "
+                         "fix the file (keys as the bench flags, e.g. `methods: [rtn, gptq]`)") from None
+    data = {} if data is None else data
+    if not isinstance(data, dict):
+        raise ValueError(f"--grid {path} must hold a mapping of grid keys (e.g. `bits: [4, 3]`), not a "
+                         f"{type(data).__name__}")
+    return data
+
+
+def _is(value, t) -> bool:
+    return isinstance(value, t) and not (t is int and isinstance(value, bool))
+
+
+def _check_kind(path, key: str, value, kind) -> None:
+    """``value`` has the type ``kind`` describes (see KINDS)."""
+    if isinstance(kind, list):
+        ok, what = isinstance(value, list) and all(_is(v, kind[0]) for v in value), f"a list of {kind[0].__name__}"
+    elif isinstance(kind, tuple):
+        ok, what = value is None or _is(value, kind[0]), f"{kind[0].__name__} or null"
+    else:
+        ok, what = _is(value, kind), kind.__name__
+    if not ok:
+        raise ValueError(f"--grid {path}: {key} must be {what}, got {value!r}")
 
 
 def _quant_config(grid: Grid, cell: dict) -> QuantConfig:
@@ -143,8 +210,28 @@ def run_cell(loaded, grid: Grid, cell: dict, ev: EvalSpec, windows: dict, data_d
     return {**cell, "avg_bits": avg, "metrics": metrics, "seconds": secs, "peak_rss_mb": round(mem.peak, 1)}
 
 
-def run(grid: Grid, out: str | Path, data_dir=None) -> list[dict]:
+def check_model(grid: Grid, trust_remote_code: bool = False, allow_pickle: bool = False) -> None:
+    """The grid's model resolves to a supported checkpoint whose context holds --seqlen, whose weights match its
+    config, and whose linears every cell's grid fits (headers and a meta skeleton only, no weight read)."""
+    from .models.lazy import CheckpointSource
+    from .models.loading import open_checkpoint, weight_files
+    from .pipeline import check_plan
+    from .preflight import check_lengths
+
+    info = open_checkpoint(grid.model, trust_remote_code, allow_pickle)
+    check_lengths(info.config, {"--seqlen": grid.seqlen})
+    if not weight_files(info.path)[0]:  # a pickle checkpoint (--allow-pickle) has no headers to check
+        return
+    adapter = CheckpointSource(info.path, info.config, info.storage_dtype, info.storage_dtype, "cpu",
+                               trust_remote_code).adapter
+    for cell in grid.cells()[1:]:
+        check_plan(adapter, _quant_config(grid, cell))
+
+
+def run(grid: Grid, out: str | Path, data_dir=None, trust_remote_code: bool = False,
+        allow_pickle: bool = False) -> list[dict]:
     out = Path(out)
+    check_model(grid, trust_remote_code, allow_pickle)  # before anything is written to OUT
     (out / "cells").mkdir(parents=True, exist_ok=True)
     write_atomic(out / "grid.json", json.dumps(asdict(grid), indent=2) + "\n")
     ev = EvalSpec(ppl=tuple(grid.ppl), seqlen=grid.seqlen, ppl_limit=grid.ppl_limit, tasks=tuple(grid.tasks),
@@ -157,7 +244,7 @@ def run(grid: Grid, out: str | Path, data_dir=None) -> list[dict]:
             log.info("cached  %s", _label(cell))
             continue
         if loaded is None:
-            loaded = load_model(grid.model)
+            loaded = load_model(grid.model, trust_remote_code=trust_remote_code, allow_pickle=allow_pickle)
         log.info("running %s", _label(cell))
         res = run_cell(loaded, grid, cell, ev, windows, data_dir)
         write_atomic(path, json.dumps(res, indent=2) + "\n")

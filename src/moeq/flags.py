@@ -16,11 +16,99 @@ def csv_list(s: str) -> tuple[str, ...]:
     return tuple(x.strip() for x in s.split(",") if x.strip())
 
 
+def _bounds(lo, hi) -> str:
+    return f">= {lo}" if hi is None else f"in {lo}..{hi}"
+
+
+def int_range(lo: int, hi: int | None = None):
+    """An argparse ``type``: an integer in lo..hi (no upper bound when ``hi`` is None); argparse prefixes
+    the message with the flag, e.g. "argument --limit: must be >= 1, got 0"."""
+    def parse(s: str) -> int:
+        try:
+            v = int(s)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer {_bounds(lo, hi)}, got {s!r}") from None
+        if v < lo or (hi is not None and v > hi):
+            raise argparse.ArgumentTypeError(f"must be {_bounds(lo, hi)}, got {v}")
+        return v
+    parse.__name__ = "int"
+    return parse
+
+
+def float_range(lo: float, hi: float | None = None, hi_closed: bool = False):
+    """An argparse ``type``: a number > lo and < hi (<= hi with ``hi_closed``; no upper bound when None)."""
+    what = f"> {lo}" if hi is None else f"in ({lo}, {hi}{']' if hi_closed else ')'}"
+
+    def parse(s: str) -> float:
+        try:
+            v = float(s)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a number {what}, got {s!r}") from None
+        if not (v > lo and (hi is None or v < hi or (hi_closed and v == hi))):
+            raise argparse.ArgumentTypeError(f"must be a number {what}, got {s}")
+        return v
+    parse.__name__ = "float"
+    return parse
+
+
+def group_size_arg(s: str) -> int:
+    """--group-size: -1 (per channel) or a positive integer."""
+    try:
+        v = int(s)
+    except ValueError:
+        v = 0
+    if v != -1 and v < 1:
+        raise argparse.ArgumentTypeError(f"group size must be -1 (per channel) or a positive integer, got {s!r}")
+    return v
+
+
+def no_repeat_ngram(s: str) -> int:
+    v = int_range(0)(s)
+    if v == 1:
+        raise argparse.ArgumentTypeError("must be 0 (off) or >= 2, got 1")
+    return v
+
+
+def csv_of(item, what: str = "values"):
+    """An argparse ``type``: a non-empty comma-separated list, each item parsed by ``item``."""
+    def parse(s: str) -> tuple:
+        vals = tuple(item(x) for x in csv_list(s))
+        if not vals:
+            raise argparse.ArgumentTypeError(f"expected comma-separated {what}, got {s!r}")
+        return vals
+    parse.__name__ = "list"
+    return parse
+
+
+POSITIVE = int_range(1)  # counts, limits, batch sizes
+LENGTH = int_range(2)  # sequence and window lengths (a window needs an input and a target token)
+BITS = int_range(2, 8)
+
+
+class DefaultsHelpFormatter(argparse.HelpFormatter):
+    """Every option that takes a value ends its help with the default, unless the help already states one
+    (or there is none)."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        d = action.default
+        if (not action.option_strings or action.nargs == 0 or "default" in text or d is None or d == ()
+                or d is argparse.SUPPRESS):
+            return text
+        shown = ",".join(map(str, d)) if isinstance(d, (tuple, list)) else str(d)
+        return f"{text} (default: {shown.replace('%', '%%')})".lstrip()
+
+
 def add_common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda[:N]")
-    p.add_argument("--data-dir", default=None, help="data folder (default: $MOEQ_DATA_DIR, then ../shared/data)")
+    p.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda[:N] (default auto)")
+    p.add_argument("--data-dir", default=None,
+                   help="data folder, must exist (default: $MOEQ_DATA_DIR, then ../shared/data)")
     p.add_argument("--trust-remote-code", action="store_true", help="allow remote-code model classes")
-    p.add_argument("-v", "--verbose", action="store_true")
+    p.add_argument("--allow-pickle", action="store_true",
+                   help="load a checkpoint whose weights are only pickle files (.bin/.pt) with torch.load("
+                        "weights_only=True); by default moeq reads safetensors only")
+    p.add_argument("-v", "--verbose", "--debug", dest="verbose", action="store_true",
+                   help="debug logging, per-module tables, and the full traceback of an error")
 
 
 def fewshot(s: str) -> dict[str, int]:
@@ -28,8 +116,9 @@ def fewshot(s: str) -> dict[str, int]:
     out = {}
     for part in csv_list(s):
         name, _, n = part.partition("=")
-        if not n.strip().lstrip("-").isdigit():
-            raise argparse.ArgumentTypeError(f"--num-fewshot expects task=N pairs, e.g. mmlu=5,gsm8k=8; got {part!r}")
+        if not n.strip().isdigit():
+            raise argparse.ArgumentTypeError(f"--num-fewshot expects task=N pairs with N >= 0, e.g. mmlu=5,gsm8k=8; "
+                                             f"got {part!r}")
         out[name.strip()] = int(n)
     return out
 
@@ -38,9 +127,11 @@ def add_task_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tasks", type=csv_list, default=(),
                    help="downstream tasks through lm-evaluation-harness, offline: hellaswag,piqa,boolq,copa,"
                         "openbookqa,winogrande,arc_easy,arc_challenge,mmlu,mathqa,gsm8k,humaneval,lambada")
-    p.add_argument("--limit", type=int, default=None, help="first N examples of each task (each MMLU subject)")
-    p.add_argument("--num-fewshot", type=fewshot, default=None, help="per-task shots, e.g. mmlu=5,gsm8k=8")
-    p.add_argument("--task-batch-size", type=int, default=8)
+    p.add_argument("--limit", type=POSITIVE, default=None,
+                   help="first N >= 1 examples of each task (each MMLU subject; default: all)")
+    p.add_argument("--num-fewshot", type=fewshot, default=None,
+                   help="per-task shots, e.g. mmlu=5,gsm8k=8 (default: each task's own)")
+    p.add_argument("--task-batch-size", type=POSITIVE, default=8, help="task requests per forward")
 
 
 def add_quant_flags(p: argparse.ArgumentParser, method: str = "gptq", group_size: int | None = 128) -> None:
@@ -50,43 +141,48 @@ def add_quant_flags(p: argparse.ArgumentParser, method: str = "gptq", group_size
 
     p.add_argument("model", nargs="?", default=None, help="bundled name, checkpoint dir or hub id (default: bundled)")
     p.add_argument("--method", choices=method_names(), default=method, help="see `moeq methods` (default %(default)s)")
-    p.add_argument("--group-size", type=int, default=group_size, help="-1 = per channel, or e.g. 32/64/128")
+    unset = " (default 128, or the profile's)" if group_size is None else ""
+    p.add_argument("--group-size", type=group_size_arg, default=group_size,
+                   help="-1 = per channel, or e.g. 32/64/128" + unset)
     sym = p.add_mutually_exclusive_group()
     sym.add_argument("--sym", dest="sym", action="store_true", default=True, help="symmetric grid (default)")
     sym.add_argument("--asym", dest="sym", action="store_false", help="asymmetric grid with zero points")
     p.add_argument("--calib", default=None,
                    help="wikitext2, c4, gsm8k, humaneval, ebss (self-generated, cached), any text file (.jsonl/.json "
                         "'text' field, .parquet, plain text) or a .jsonl of input_ids rows (default: the method's)")
-    p.add_argument("--ebss-width", type=int, default=4, help="EBSS beam width (default 4)")
-    p.add_argument("--ebss-tau", type=float, default=1.2, help="EBSS balance temperature (default 1.2)")
-    p.add_argument("--ebss-no-repeat-ngram", type=int, default=0,
+    p.add_argument("--ebss-width", type=POSITIVE, default=4, help="EBSS beam width (default 4)")
+    p.add_argument("--ebss-tau", type=float_range(0), default=1.2, help="EBSS balance temperature (default 1.2)")
+    p.add_argument("--ebss-no-repeat-ngram", type=no_repeat_ngram, default=0,
                    help="EBSS beams never repeat one of their n-grams (e.g. 3; default 0 = off, as in the paper)")
     p.add_argument("--agq", action=argparse.BooleanOptionalAction, default=None,
                    help="affinity-guided Hessians for routed and shared experts (default: the method's)")
     p.add_argument("--agq-gate-proj", action=argparse.BooleanOptionalAction, default=True,
                    help="also weight the experts' gate_proj (MoEQuant Eq. 17; default on)")
-    p.add_argument("--nsamples", type=int, default=128, help="calibration windows (default 128)")
-    p.add_argument("--seqlen", type=int, default=None, help="calibration window length (default: min(2048, context))")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--nsamples", type=POSITIVE, default=128, help="calibration windows (default 128)")
+    p.add_argument("--seqlen", type=LENGTH, default=None,
+                   help="calibration window length, 2..context (default: min(2048, context))")
+    p.add_argument("--seed", type=int, default=0, help="calibration sampling seed")
     p.add_argument("--act-order", action="store_true", help="GPTQ act-order (static groups)")
-    p.add_argument("--damp", type=float, default=0.01, help="GPTQ relative damping (default 0.01)")
-    p.add_argument("--blocksize", type=int, default=128, help="GPTQ lazy-update block size")
+    p.add_argument("--damp", type=float_range(0, 1), default=0.01,
+                   help="GPTQ relative damping, in (0, 1) (default 0.01)")
+    p.add_argument("--blocksize", type=POSITIVE, default=128, help="GPTQ lazy-update block size (default 128)")
     p.add_argument("--mse-clip", action=argparse.BooleanOptionalAction, default=None,
                    help="MSE clip search for scales, RTN and GPTQ (default: the method's)")
     p.add_argument("--rotate", action=argparse.BooleanOptionalAction, default=None,
                    help="QuaRot: fuse norms, rotate the residual stream by a random Hadamard (default: the method's)")
     p.add_argument("--rotation-seed", type=int, default=0, help="seed of the random Hadamard signs")
-    p.add_argument("--act-bits", type=int, default=None,
+    p.add_argument("--act-bits", type=BITS, default=None,
                    help="also fake-quantize every quantized linear's input per token (W*A*, e.g. 4); evaluation only "
                         "unless --no-online-hadamard")
-    p.add_argument("--act-clip", type=float, default=1.0, help="per-token activation range ratio (QuaRot: 0.9)")
+    p.add_argument("--act-clip", type=float_range(0, 1, hi_closed=True), default=1.0,
+                   help="per-token activation range ratio, in (0, 1] (default 1.0; QuaRot: 0.9)")
     p.add_argument("--online-hadamard", action=argparse.BooleanOptionalAction, default=True,
                    help="with --act-bits: online Hadamard before every down projection (default on)")
-    p.add_argument("--awq-grid", type=int, default=20, help="AWQ scale-exponent grid points (default 20)")
+    p.add_argument("--awq-grid", type=POSITIVE, default=20, help="AWQ scale-exponent grid points (default 20)")
     p.add_argument("--awq-clip", action=argparse.BooleanOptionalAction, default=True,
                    help="AWQ output-aware clip search after the scales (default on)")
-    p.add_argument("--lwc-epochs", type=int, default=2, help="lwc: epochs per block (default 2; OmniQuant 20)")
-    p.add_argument("--lwc-lr", type=float, default=5e-2, help="lwc: learning rate (default 5e-2)")
+    p.add_argument("--lwc-epochs", type=POSITIVE, default=2, help="lwc: epochs per block (default 2; OmniQuant 20)")
+    p.add_argument("--lwc-lr", type=float_range(0), default=5e-2, help="lwc: learning rate (default 5e-2)")
     p.add_argument("--true-sequential", action=argparse.BooleanOptionalAction, default=True,
                    help="solve a block's linears group by group (q,k,v -> o -> gate/up -> down), each group's "
                         "statistics taken after the previous groups are quantized (default); --no-true-sequential: "
@@ -94,9 +190,11 @@ def add_quant_flags(p: argparse.ArgumentParser, method: str = "gptq", group_size
     p.add_argument("--expert-coverage", choices=COVERAGE, default="routed",
                    help="routed: expert statistics from routed tokens only; all: every token through every "
                         "expert for statistics (outputs still combine routed experts only)")
-    p.add_argument("--min-tokens", type=int, default=8, help="experts with fewer routed tokens use --fallback")
-    p.add_argument("--fallback", choices=FALLBACKS, default="rtn")
-    p.add_argument("--batch-size", type=int, default=8, help="calibration sequences per block forward")
+    p.add_argument("--min-tokens", type=int_range(0), default=8,
+                   help="experts with fewer routed tokens use --fallback (default 8)")
+    p.add_argument("--fallback", choices=FALLBACKS, default="rtn",
+                   help="how experts with fewer than --min-tokens routed tokens are quantized (default rtn)")
+    p.add_argument("--batch-size", type=POSITIVE, default=8, help="calibration sequences per block forward (default 8)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output")
 
 
@@ -125,11 +223,15 @@ def size_flag(flag: str):
     return parse
 
 
-def add_eval_flags(p: argparse.ArgumentParser, seqlen_flag: str) -> None:
-    """Perplexity sets and windows, and the downstream tasks (``moeq quantize`` names the window --eval-seqlen)."""
-    p.add_argument("--ppl", type=csv_list, default=("wikitext2",), help="perplexity sets, e.g. wikitext2,c4 (or none)")
-    p.add_argument(seqlen_flag, type=int, default=None, help="evaluation window (default: min(2048, context))")
-    p.add_argument("--ppl-limit", type=int, default=None, help="only the first N windows of each set (quick checks)")
+def add_eval_flags(p: argparse.ArgumentParser, *seqlen_aliases: str) -> None:
+    """Perplexity sets and windows, and the downstream tasks. The window is --eval-seqlen everywhere (``moeq eval``
+    also accepts --seqlen: it has no calibration window to confuse it with)."""
+    p.add_argument("--ppl", type=csv_list, default=None,
+                   help="perplexity sets, e.g. wikitext2,c4, or none (default: wikitext2, or none when --tasks is given)")
+    p.add_argument("--eval-seqlen", *seqlen_aliases, dest="eval_seqlen", type=LENGTH, default=None,
+                   help="evaluation window, 2..context (default: min(2048, context))")
+    p.add_argument("--ppl-limit", type=POSITIVE, default=None,
+                   help="only the first N >= 1 windows of each set (quick checks; default: all)")
     add_task_flags(p)
 
 
@@ -153,4 +255,7 @@ def add_run_flags(p: argparse.ArgumentParser) -> None:
                    help="largest output shard (default 5GB)")
     p.add_argument("--resume", action="store_true",
                    help="continue an interrupted run of the same command from its last finished block")
+    p.add_argument("--no-fp-cache", dest="fp_cache", action="store_false",
+                   help="evaluate the FP model again even when an earlier run on the same model files and evaluation "
+                        "settings cached its figures")
     p.add_argument("--kill-after-block", default=None, help=argparse.SUPPRESS)  # test hook: N, N:INT or N:TERM

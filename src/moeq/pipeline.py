@@ -17,7 +17,7 @@ import contextlib
 import copy
 import signal
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
@@ -40,6 +40,8 @@ from .models.lazy import CheckpointSource, ResidentSource, module_bytes
 from .models.loading import Loaded, compute_dtype, load_tokenizer, open_checkpoint
 from .quant.primitives import QuantArgs
 from .utils.device import fits_on_device, peak_memory_mb, resolve_device
+from .preflight import check_apart
+from .calib.sources import data_root
 from .utils.fs import check_output
 from .utils.memory import fmt_bytes, free_bytes
 from .utils.progress import log
@@ -55,6 +57,7 @@ class RunOptions:
     max_solve_memory: int | None = None  # bytes for one group's statistics + batched solve (capture.solve default)
     max_shard_size: int = 5 * 10**9
     resume: bool = False
+    fp_cache: bool = True  # reuse the FP figures of an earlier run on the same model and settings
     kill_after_block: int | None = None  # test hook: send this process ``kill_signal`` once block N is checkpointed
     kill_signal: int = signal.SIGKILL
 
@@ -122,16 +125,23 @@ def quantize(model: str | None, cfg: QuantConfig, out: str | Path | None, *, dev
     Returns the report, or (report, in-memory quantized model) with ``return_model``."""
     t_start = time.perf_counter()
     secs = {"load": 0.0, "calibration": 0.0, "quantize": 0.0, "evaluate": 0.0, "export": 0.0}
-    out_path = check_output(out, overwrite and not options.resume) if out is not None else None
     device = resolve_device(device)
-    info = open_checkpoint(model, trust_remote_code)
-    if out_path is not None and Path(info.path).resolve() in (out_path.resolve(), *out_path.resolve().parents):
-        raise ValueError(f"--out {out} would replace the model being quantized ({info.path}); choose another folder")
+    info = open_checkpoint(model, trust_remote_code)  # the config only
+    if out is not None and str(out).strip():  # before anything is written (even a writability probe)
+        check_apart(out, "--out", {"the model being quantized": info.path, "the data folder": data_root(data_dir),
+                                   "the calibration file": cfg.calib.source})
+    out_path = check_output(out, overwrite and not options.resume, "report.json") if out is not None else None
     cfg, method_notes = resolve_config(cfg, is_moe=info.spec.moe is not None)
     dtype = compute_dtype(device, info.storage_dtype)
     t = time.perf_counter()
     source = CheckpointSource(info.path, info.config, dtype, info.storage_dtype, device, trust_remote_code)
     adapter = source.adapter
+    if source.reader.packed:
+        method_notes.append(f"{info.path} is already quantized (compressed-tensors pack-quantized): its dequantized "
+                            "weights were quantized again, so both rounding errors add up")
+        log.warning(method_notes[-1])
+    elif source.reader.fp8_block:
+        method_notes.append("block-FP8 source: weights dequantized block by block as they were read")
     check_plan(adapter, cfg)
     tokenizer = load_tokenizer(info.path, trust_remote_code)
     secs["load"] += time.perf_counter() - t
@@ -161,8 +171,10 @@ def quantize(model: str | None, cfg: QuantConfig, out: str | Path | None, *, dev
         metrics, windows = {}, {}
         if not skip_eval:
             t = time.perf_counter()
-            metrics["fp"] = state.get("fp_metrics") or _evaluate(model_obj, source, tokenizer, evals, data_dir,
-                                                                 windows, "FP", options, partial)
+            metrics["fp"] = state.get("fp_metrics") or _fp_metrics(
+                info.path, {"evals": asdict(evals), "dtype": str(dtype), "device": torch.device(device).type,
+                            "streamed": not resident, "data_dir": str(data_dir)}, options, method_notes,
+                lambda: _evaluate(model_obj, source, tokenizer, evals, data_dir, windows, "FP", options, partial))
             if partial is not None:
                 partial.commit(fp_metrics=metrics["fp"], num_blocks=adapter.num_blocks)
             secs["evaluate"] += time.perf_counter() - t
@@ -258,6 +270,24 @@ def quantize(model: str | None, cfg: QuantConfig, out: str | Path | None, *, dev
             partial.finish()
             log.info("wrote %s", out)
     return (report, model_obj) if return_model else report
+
+
+def _fp_metrics(model_dir: str, settings: dict, options: RunOptions, notes: list, compute) -> dict:
+    """The FP figures: from the cache (same files, same settings) or ``compute()`` and cached."""
+    from .evaluate import fp_cache
+
+    settings["evals"].pop("fidelity", None)
+    key = fp_cache.fp_key(model_dir, settings) if options.fp_cache else None
+    cached = fp_cache.load(key) if key else None
+    if cached is not None:
+        notes.append(f"FP figures reused from an earlier run with the same model files and evaluation settings "
+                     f"({fp_cache.cache_root() / 'fp' / key}.json; --no-fp-cache recomputes them)")
+        log.info("FP figures reused from the cache")
+        return cached
+    metrics = compute()
+    if key:
+        fp_cache.store(key, metrics)
+    return metrics
 
 
 def _refuse_streamed(evals: EvalSpec, skip_eval: bool, return_model: bool, cfg: QuantConfig, size: int,

@@ -18,11 +18,11 @@ from .plan import PlanRules, Selection
 from .search import METHODS as SEARCHES
 
 
-def _ints(s: str) -> tuple[int, ...]:
-    try:
-        return tuple(int(x) for x in s.split(",") if x.strip())
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated bit widths like 2,3,4,8; got {s!r}") from None
+def _widths(s: str) -> tuple[int, ...]:
+    """--candidates: a non-empty comma-separated list of widths, each 2..8."""
+    from ..flags import BITS, csv_of
+
+    return csv_of(BITS, "bit widths like 2,3,4,8")(s)
 
 
 def _add_calib_flags(p: argparse.ArgumentParser) -> None:
@@ -30,16 +30,22 @@ def _add_calib_flags(p: argparse.ArgumentParser) -> None:
     from ..flags import add_quant_flags
 
     add_quant_flags(p, method="gptq", group_size=None)
-    p.add_argument("--candidates", type=_ints, default=(2, 3, 4, 8), help="widths to profile (default 2,3,4,8)")
-    p.add_argument("--predictor-hidden", type=int, default=256, help="block-predictor hidden width (paper: 1024)")
-    p.add_argument("--predictor-tokens", type=int, default=16384, help="tokens per block to train/score on")
-    p.add_argument("--predictor-epochs", type=int, default=60)
+    from ..flags import POSITIVE
+
+    p.add_argument("--candidates", type=_widths, default=(2, 3, 4, 8),
+                   help="widths to profile, each 2..8 (default 2,3,4,8)")
+    p.add_argument("--predictor-hidden", type=POSITIVE, default=256,
+                   help="block-predictor hidden width (default 256; paper: 1024)")
+    p.add_argument("--predictor-tokens", type=POSITIVE, default=16384, help="tokens per block to train/score on")
+    p.add_argument("--predictor-epochs", type=POSITIVE, default=60, help="block-predictor training epochs")
     p.add_argument("--no-block-gain", action="store_true",
                    help="rank by local output error only (skip the forwards that calibrate it to the output KL)")
-    p.add_argument("--gain-samples", type=int, default=32, help="calibration sequences the block gains use")
+    p.add_argument("--gain-samples", type=POSITIVE, default=32, help="calibration sequences the block gains use")
 
 
 def add_parsers(sub, add_common) -> None:
+    from ..flags import LENGTH, POSITIVE, float_range
+
     pr = sub.add_parser("profile", help="expert usage, outlier and block-importance scores, sensitivities, plots")
     _add_calib_flags(pr)
     pr.add_argument("--out", required=True, help="output folder (profile.json, predictors.safetensors, *.png)")
@@ -54,7 +60,9 @@ def add_parsers(sub, add_common) -> None:
     _add_calib_flags(pl)
     pl.add_argument("--out", required=True, help="plan file: .yaml, .yml or .json")
     pl.add_argument("--profile", default=None, help="profile folder from `moeq profile` (skips the calibration pass)")
-    pl.add_argument("--bits", type=int, default=2, help="routed-expert (base) width (default 2)")
+    pl.add_argument("--bits", type=int, default=2,
+                    help="base width of the plan: routed experts, and every role without its own --*-bits (default 2;"
+                         " not quantize's --bits, the width of every linear, default 4)")
     pl.add_argument("--attn-bits", type=int, default=None, help="attention width (default: --bits)")
     pl.add_argument("--shared-bits", type=int, default=None, help="shared-expert width (default: --bits)")
     pl.add_argument("--dense-bits", type=int, default=None, help="dense-MLP width of non-MoE blocks (default: attn)")
@@ -68,13 +76,15 @@ def add_parsers(sub, add_common) -> None:
     pl.add_argument("--random-seed", type=int, default=None, help="random selections of the same counts (baseline)")
     pl.add_argument("--serving-compatible", action="store_true",
                     help="one scheme per fused-MoE layer and per fused q/k/v (what vLLM-style kernels can run)")
-    pl.add_argument("--avg-bits", type=float, default=None, help="search the least-sensitive plan within this budget")
-    pl.add_argument("--search", choices=SEARCHES, default="knapsack")
+    pl.add_argument("--avg-bits", type=float_range(0), default=None,
+                    help="search the least-sensitive plan within this budget, at least the lowest --candidates width")
+    pl.add_argument("--search", choices=SEARCHES, default="knapsack", help="budgeted search algorithm")
     pl.add_argument("--measure", action="store_true", help="quantize with the plan (and uniform floor(--avg-bits)) "
                                                            "and report measured error and perplexity")
     pl.add_argument("--ppl", default="wikitext2", help="perplexity sets for --measure (comma-separated)")
-    pl.add_argument("--ppl-limit", type=int, default=None)
-    pl.add_argument("--eval-seqlen", type=int, default=None)
+    pl.add_argument("--ppl-limit", type=POSITIVE, default=None, help="--measure: first N windows of each set")
+    pl.add_argument("--eval-seqlen", type=LENGTH, default=None,
+                    help="--measure: evaluation window, 2..context (default: min(2048, context))")
     add_common(pl)
 
 
@@ -99,10 +109,11 @@ def cmd_profile(a) -> int:
     from .plots import profile_plots
     from .run import load_for_profile, run_profile
 
-    check_output(a.out, a.overwrite)
+    check_output(a.out, a.overwrite, "profile.json")
     a.group_size = 128 if a.group_size is None else a.group_size
+    check_model(a)
     loaded, cfg, device = load_for_profile(a, quant_config(a))
-    with atomic_dir(a.out, a.overwrite) as tmp:
+    with atomic_dir(a.out, a.overwrite, "profile.json") as tmp:
         prof = run_profile(loaded, cfg, a, device, predictor=not a.no_predictor, sensitivity=not a.no_sensitivity,
                            predictors_out=tmp / "predictors.safetensors")
         prof.save(tmp)
@@ -117,12 +128,38 @@ def cmd_profile(a) -> int:
     return 0
 
 
+def check_model(a) -> None:
+    """MODEL resolves to a supported checkpoint whose context holds the windows asked for (no weight read)."""
+    from ..models.loading import open_checkpoint
+    from ..preflight import check_lengths
+
+    info = open_checkpoint(a.model, a.trust_remote_code, a.allow_pickle)
+    check_lengths(info.config, {"--seqlen": a.seqlen, "--eval-seqlen": getattr(a, "eval_seqlen", None)})
+
+
+def check_budget(a, prof) -> None:
+    """--avg-bits is reachable with the widths the search may use (the profile's, or --candidates)."""
+    if prof is not None and not (prof.candidates and any(prof.sensitivity.values())):
+        raise ValueError(f"--profile {a.profile}: the profile has no sensitivities; rerun `moeq profile` without "
+                         "--no-sensitivity, or plan with rules instead of --avg-bits")
+    widths = prof.candidates if prof is not None else a.candidates
+    if a.avg_bits < min(widths):
+        raise ValueError(f"--avg-bits {a.avg_bits:g} is below the lowest candidate width {min(widths)}; raise it "
+                         f"to at least {min(widths)}")
+
+
 def cmd_plan(a) -> int:
     from .profile import Profile
-    from .run import make_plan
+    from .run import check_plan_out, make_plan
 
+    check_plan_out(a)
+    prof = Profile.load(a.profile) if a.profile else None
     if a.group_size is None:
-        a.group_size = Profile.load(a.profile).group_size if a.profile else 128
+        a.group_size = prof.group_size if prof is not None else 128
+    if a.avg_bits is not None:
+        check_budget(a, prof)
+    if prof is None or a.measure:
+        check_model(a)
     if a.avg_bits is not None and any(getattr(a, f) is not None for f in (
             "attn_bits", "shared_bits", "dense_bits", "freq_top", "first_k", "last_k", "outlier_top",
             "importance_top", "random_seed")):

@@ -30,7 +30,8 @@ def load_for_profile(a, cfg):
     from ..methods import resolve_config
 
     device = resolve_device(a.device)
-    loaded = load_model(a.model, device=device, trust_remote_code=a.trust_remote_code)
+    loaded = load_model(a.model, device=device, trust_remote_code=a.trust_remote_code,
+                        allow_pickle=getattr(a, "allow_pickle", False))
     if fits_on_device(loaded.model, device):
         loaded.model.to(device)
     cfg, _ = resolve_config(cfg, is_moe=ModelAdapter.for_model(loaded.model).spec.moe is not None)
@@ -107,13 +108,18 @@ def _summary_text(path, stats: dict, prov: dict, measured: dict | None) -> str:
     return "\n".join(lines)
 
 
+def check_plan_out(a) -> Path:
+    """--out is a plan file (.yaml/.yml/.json) that can be written; an existing one needs --overwrite."""
+    from ..preflight import output_file
+
+    out_path = output_file(a.out, "--out", a.overwrite)
+    plan_format(out_path)
+    return out_path
+
+
 def make_plan(a, rules, cfg) -> dict:
     """Build, summarise (and optionally measure) and save the plan ``a`` asks for."""
-    from ..utils.fs import check_output
-
-    out_path = Path(a.out).expanduser()
-    plan_format(out_path)
-    check_output(out_path, a.overwrite)
+    out_path = check_plan_out(a)
     loaded = device = None
     if a.profile:
         prof = Profile.load(a.profile)

@@ -68,8 +68,9 @@ def search(profile, budget: float, method: str = "knapsack", serving_compatible:
     """Minimise the predicted error subject to average bits <= ``budget``; see the module docstring."""
     if method not in METHODS:
         raise ValueError(f"unknown search {method!r}; choose from {', '.join(METHODS)}")
-    if not profile.sensitivity:
-        raise ValueError("the profile has no sensitivities; run `moeq profile` without --no-sensitivity")
+    if not profile.candidates or not any(profile.sensitivity.values()):
+        raise ValueError("the profile has no sensitivities; rerun `moeq profile` without --no-sensitivity (and with "
+                         "--candidates widths such as 2,3,4,8)")
     cands = sorted(set(candidates or profile.candidates))
     if not cands or not set(cands) <= set(profile.candidates):
         raise ValueError(f"candidate widths {cands} must be a non-empty subset of the profiled {profile.candidates}")

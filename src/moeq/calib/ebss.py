@@ -41,10 +41,16 @@ class EBSSConfig:
     no_repeat_ngram: int = 0  # > 1: a beam never repeats one of its n-grams (0 = off, as in the paper)
 
     def __post_init__(self):
-        if self.num < 1 or self.length < 2 or self.width < 1 or self.tau <= 0 or self.batch < 1:
-            raise ValueError(f"invalid EBSS settings {self}: need num>=1, length>=2, width>=1, tau>0, batch>=1")
-        if self.no_repeat_ngram == 1 or self.no_repeat_ngram < 0:
-            raise ValueError(f"--ebss-no-repeat-ngram must be 0 (off) or >= 2, got {self.no_repeat_ngram}")
+        for bad, what in ((self.num < 1, f"--num (or --nsamples) must be >= 1, got {self.num}"),
+                          (self.length < 2, f"--length (or --seqlen) must be >= 2, got {self.length}"),
+                          (self.width < 1, f"--width (or --ebss-width) must be >= 1, got {self.width}"),
+                          (not self.tau > 0, f"--tau (or --ebss-tau) must be > 0, got {self.tau}"),
+                          (self.batch < 1, f"--batch must be >= 1, got {self.batch}"),
+                          (self.no_repeat_ngram == 1 or self.no_repeat_ngram < 0,
+                           f"--no-repeat-ngram (or --ebss-no-repeat-ngram) must be 0 (off) or >= 2, "
+                           f"got {self.no_repeat_ngram}")):
+            if bad:
+                raise ValueError(f"EBSS: {what}")
 
 
 def sequence_sigma(counts: torch.Tensor) -> torch.Tensor:
@@ -170,7 +176,6 @@ def write_jsonl(rows: list[dict], path) -> None:
 def cache_path(model_path: str, cfg: EBSSConfig):
     """Where an EBSS set for this model and these settings is cached ($MOEQ_CACHE or ~/.cache/moeq)."""
     import hashlib
-    import os
     from pathlib import Path
 
     h = hashlib.sha1()
@@ -183,7 +188,9 @@ def cache_path(model_path: str, cfg: EBSSConfig):
     if not settings["no_repeat_ngram"]:  # off: the key of sets made before the option existed
         del settings["no_repeat_ngram"]
     h.update(json.dumps(settings, sort_keys=True).encode())
-    root = Path(os.environ.get("MOEQ_CACHE", Path.home() / ".cache" / "moeq")) / "ebss"
+    from ..utils.fs import cache_root
+
+    root = cache_root() / "ebss"
     return root / f"{p.name}-{h.hexdigest()[:16]}.jsonl"
 
 

@@ -3,7 +3,8 @@
 ``wikitext2``, ``c4``, ``gsm8k``, ``humaneval`` or the path of any existing file, read as text by its
 extension (:mod:`.files`: ``.jsonl`` / ``.json`` rows' ``text``, a ``.parquet`` ``text`` column, anything
 else as plain UTF-8 text, ``.gz`` decompressed).
-The data folder is resolved in this order: an explicit ``data_dir`` -> ``$MOEQ_DATA_DIR`` ->
+The data folder is resolved in this order (a named folder that does not exist is an error, not skipped):
+an explicit ``data_dir`` -> ``$MOEQ_DATA_DIR`` ->
 ``../shared/data`` next to the repository (or the current directory) -> the Hugging Face hub through
 ``datasets`` when online -> a clear error saying how to provide the data.
 
@@ -62,19 +63,29 @@ _HUB = {
 }
 
 
+def _given(folder: str | os.PathLike, what: str) -> Path:
+    """A data folder the user named: it must exist (never a silent fall-back to another folder)."""
+    p = Path(folder).expanduser()
+    if not p.is_dir():
+        raise DataNotFoundError(f"{what} {p} {'is not a folder' if p.exists() else 'does not exist'}; pass the moeq "
+                                "data folder (shared/data), or leave it unset to use ../shared/data")
+    return p
+
+
 def _candidates(data_dir: str | os.PathLike | None) -> list[Path]:
     c = []
-    if data_dir:
-        c.append(Path(data_dir))
+    if data_dir is not None and str(data_dir) != "":
+        c.append(_given(data_dir, "--data-dir"))
     if os.environ.get("MOEQ_DATA_DIR"):
-        c.append(Path(os.environ["MOEQ_DATA_DIR"]))
+        c.append(_given(os.environ["MOEQ_DATA_DIR"], "$MOEQ_DATA_DIR"))
     repo = Path(__file__).resolve().parents[3]  # src/moeq/calib/sources.py -> repo root
     c += [repo.parent / "shared" / "data", Path.cwd().parent / "shared" / "data", Path.cwd() / "shared" / "data"]
     return c
 
 
 def data_root(data_dir: str | os.PathLike | None = None) -> Path | None:
-    """The first existing data folder in resolution order, or None."""
+    """The first existing data folder in resolution order, or None; an explicit ``data_dir`` or
+    ``$MOEQ_DATA_DIR`` that does not exist is an error."""
     for c in _candidates(data_dir):
         if c.is_dir():
             return c

@@ -52,7 +52,7 @@ class Activations:
 
     @classmethod
     def capture(cls, model, first_block, batches: list[torch.Tensor], device, placement: str = "auto",
-                folder: Path | None = None) -> "Activations":
+                folder: Path | None = None, what: str = "calibration") -> "Activations":
         """Inputs of block 0 for each batch of token ids (b, T), placed by the budget (see module docstring)."""
         got = capture_first_block_inputs(model, first_block, batches)  # [(hidden (b, T, H) cpu, kwargs cpu)]
         nbytes = sum(h.numel() * h.element_size() for h, _ in got)
@@ -61,7 +61,7 @@ class Activations:
             raise ValueError("activations do not fit in memory and this run has no output folder to offload them "
                              "to: pass an --out folder or a smaller --nsamples/--seqlen")
         n, T = sum(h.shape[0] for h, _ in got), got[0][0].shape[1] if got else 0
-        log.info("calibration activations: %d x %d tokens, %s per block, kept %s", n, T, fmt_bytes(nbytes),
+        log.info("%s activations: %d x %d tokens, %s per block, kept %s", what, n, T, fmt_bytes(nbytes),
                  {"device": f"on {device}", "cpu": "in CPU memory", "disk": f"on disk in {folder}"}[where])
         acts = cls([], [kw for _, kw in got], where, device, folder)
         acts.hidden = [acts._store(k, h) for k, (h, _) in enumerate(got)]

@@ -115,15 +115,18 @@ def perplexity(model, windows: Windows, batch_size: int | None = None, desc: str
     }
 
 
-def default_seqlen(model, requested: int | None = None) -> int:
-    """The papers' 2048, capped by the model's context; an explicit request must fit the context."""
-    ctx = int(getattr(model.config, "max_position_embeddings", 2048) or 2048)
+def default_seqlen(model_or_config, requested: int | None = None, flag: str = "--seqlen") -> int:
+    """The papers' 2048, capped by the model's context; an explicit request must fit the context. Takes a
+    model or its config (check lengths before loading any weight); ``flag`` names the culprit in errors."""
+    config = getattr(model_or_config, "config", model_or_config)
+    ctx = int(getattr(config, "max_position_embeddings", 2048) or 2048)
     if requested is None:
         return min(2048, ctx)
     if requested < 2:
-        raise ValueError(f"seqlen must be at least 2, got {requested}")
+        raise ValueError(f"{flag} must be at least 2, got {requested}")
     if requested > ctx:
-        raise ValueError(f"seqlen {requested} is longer than the model's context ({ctx} positions); use --seqlen <= {ctx}")
+        raise ValueError(f"{flag} {requested} is longer than the model's context ({ctx} positions); "
+                         f"use {flag} <= {ctx}")
     return requested
 
 

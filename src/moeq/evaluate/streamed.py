@@ -28,7 +28,7 @@ def streamed_window_nll(source, ids: torch.Tensor, batch_size: int, placement: s
     source.load_embeddings()
     try:
         acts = Activations.capture(source.adapter.model, source.adapter.blocks[0], list(ids.split(batch_size)),
-                                   source.device, placement, folder)
+                                   source.device, placement, folder, what="evaluation")
     finally:
         source.release_embeddings()
     acts = run_blocks(source, acts, through_last=True, desc=f"{desc} blocks")

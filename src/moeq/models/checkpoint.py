@@ -85,6 +85,22 @@ class CheckpointReader:
         """Whether ``module.weight`` can be read (plain, FP8 or packed)."""
         return f"{module}.weight" in self.where or f"{module}.weight_packed" in self.where
 
+    def shapes(self) -> dict[str, tuple[int, ...]]:
+        """{key: shape} from every shard's header (nothing else is read); a missing or unreadable shard is an
+        error naming it."""
+        out = {}
+        for f in sorted(set(self.where.values())):
+            if not f.is_file():
+                raise CheckpointReadError(f"{f.name}, named in {self.path / INDEX}, is missing; the download is "
+                                          "incomplete: fetch the checkpoint again")
+            try:
+                with safe_open(str(f), "pt") as h:
+                    out.update({k: tuple(h.get_slice(k).get_shape()) for k in h.keys() if self.where.get(k) == f})
+            except (SafetensorError, OSError) as e:
+                raise CheckpointReadError(f"{f} is not a readable safetensors file ({e}); the download may be "
+                                          "incomplete: fetch the checkpoint again") from None
+        return out
+
     def nbytes(self) -> int:
         """Bytes of the shards on disk."""
         return sum(f.stat().st_size for f in set(self.where.values()))

@@ -20,11 +20,15 @@ experts stored fused (``experts.gate_up_proj`` (E, 2I, H), ``experts.down_proj``
 
 from __future__ import annotations
 
+import re
+
 import torch
 from torch import nn
 
+from ..utils.progress import log
 from .adapter import ModelAdapter, get_submodule
 from .checkpoint import CheckpointReader, CheckpointReadError
+from .fp8 import SCALE_SUFFIX
 
 
 def _set_tensor(root: nn.Module, name: str, t: torch.Tensor, dtype: torch.dtype | None = None) -> None:
@@ -107,25 +111,55 @@ class CheckpointSource:
         self.dtype, self.storage_dtype, self.device = dtype, storage_dtype, device
         self.tied = bool(getattr(self.model.config, "tie_word_embeddings", False))
         self.kept: set[int] = set()
-        self._check_layers()
+        self._check_keys()
 
     @property
     def num_blocks(self) -> int:
         return self.adapter.num_blocks
 
-    def _check_layers(self) -> None:
-        """The weights must hold exactly the blocks the config describes (a wrong config is refused)."""
-        def present(i: int) -> bool:
-            prefix = self.adapter.checkpoint_name(self.adapter.block_name(i)) + "."
-            return any(k.startswith(prefix) for k in self.reader.where)
+    def _expected(self) -> list[tuple[str, str, tuple]]:
+        """(moeq name, checkpoint key, shape) of every tensor the config implies."""
+        spec, out = self.adapter.spec, []
+        parts = [(f"{self.adapter.block_name(i)}.", b) for i, b in enumerate(self.adapter.blocks)]
+        parts += [("", get_submodule(self.model, spec.embed)), ("", get_submodule(self.model, spec.final_norm))]
+        parts += [] if self.tied else [("", get_submodule(self.model, spec.lm_head))]
+        names = {id(m): n for n, m in self.model.named_modules()}
+        for prefix, mod in parts:
+            base = prefix or f"{names[id(mod)]}."
+            for n, t in mod.state_dict(keep_vars=True).items():
+                out.append((base + n, self.adapter.checkpoint_name(base + n), tuple(t.shape)))
+        return out
 
-        n = self.num_blocks
-        if n and not present(n - 1):
-            raise CheckpointReadError(f"{self.reader.path}: config.json describes {n} layers but the weights hold "
-                                      "fewer; the config does not belong to these weights")
-        if present(n):
-            raise CheckpointReadError(f"{self.reader.path}: the weights hold more layers than the {n} its config.json "
-                                      "describes; the config does not belong to these weights")
+    def _check_keys(self) -> None:
+        """Before any work: every tensor the config implies is there with its shape, and no decoder layer
+        beyond the config's is (the model class's ignore patterns, e.g. DeepSeek-V3's MTP layer, excepted)."""
+        stored = self.reader.shapes()
+        ignore = [re.compile(p) for p in getattr(type(self.model), "_keys_to_ignore_on_load_unexpected", None) or []]
+        missing, wrong, used = [], [], set()
+        for full, key, shape in self._expected():
+            if key in stored:
+                used.update({key, key + SCALE_SUFFIX})
+                if stored[key] != shape:
+                    wrong.append(f"{key} {list(stored[key])} (config: {list(shape)})")
+            elif key.endswith(".weight") and self.reader.has_weight(key[:-7]):
+                used.update(k for k in stored if k.startswith(key[:-6] + "weight_"))  # packed parts
+            elif (fused := self._fused_slice(full)) is not None and fused[0] in stored:
+                used.add(fused[0])
+            else:
+                missing.append(key)
+        if missing or wrong:
+            what = (f"{len(missing)} tensors its config implies are missing (e.g. {', '.join(missing[:3])})" if missing
+                    else f"{len(wrong)} tensors have other shapes than its config says (e.g. {'; '.join(wrong[:2])})")
+            raise CheckpointReadError(f"{self.reader.path}: {what}; the config does not belong to these weights or "
+                                      "the download is incomplete")
+        extra = [k for k in stored if k not in used and not any(r.match(k) for r in ignore)]
+        beyond = f"{self.adapter.checkpoint_name(self.adapter.block_name(self.num_blocks))}."
+        if any(k.startswith(beyond) for k in extra):
+            raise CheckpointReadError(f"{self.reader.path}: the weights hold more layers than the {self.num_blocks} "
+                                      "its config.json describes; the config does not belong to these weights")
+        if extra:
+            log.warning("%s: %d stored tensors are not part of the model and are ignored (e.g. %s)",
+                        self.reader.path, len(extra), ", ".join(extra[:3]))
 
     # ------------------------------------------------------------------ reading
     def _fused_slice(self, full: str) -> tuple[str, tuple] | None:

@@ -12,38 +12,59 @@ class OutputExistsError(FileExistsError):
     pass
 
 
-def check_output(out: str | os.PathLike, overwrite: bool) -> Path:
-    """Refuse an existing non-empty output unless ``overwrite``; call before any heavy work."""
+def cache_root() -> Path:
+    """Where moeq caches what it can recompute (EBSS sets, FP figures): $MOEQ_CACHE or ~/.cache/moeq."""
+    return Path(os.environ.get("MOEQ_CACHE", Path.home() / ".cache" / "moeq"))
+
+
+def check_output(out: str | os.PathLike, overwrite: bool, marker: str | None = None) -> Path:
+    """Refuse an existing output unless ``overwrite``, an output the process cannot write, and (with
+    ``marker``, for folder outputs) a folder in the way that is a file or that moeq did not write (it lacks
+    ``marker``, e.g. report.json): ``--overwrite`` replaces only moeq's own outputs. Call before any work."""
     if not str(out).strip():
-        raise ValueError("--out is empty; give an output folder")
+        raise ValueError("--out is empty; give an output path")
     p = Path(out).expanduser()
-    if p.exists() and not p.is_dir():
+    if marker is not None and p.exists() and not p.is_dir():
         raise OutputExistsError(f"{p} is a file, not a folder; choose another --out")
-    _check_writable(p)
-    if p.exists() and any(p.iterdir()) and not overwrite:
-        raise OutputExistsError(f"{p} already exists and is not empty; choose another --out or pass --overwrite")
+    probe_writable(nearest_existing(p), "--out", p)
+    if p.exists() and (not p.is_dir() or any(p.iterdir())):
+        if not overwrite:
+            raise OutputExistsError(f"{p} already exists; choose another --out or pass --overwrite")
+        if marker is not None and not (p / marker).is_file():
+            raise OutputExistsError(f"{p} is not a moeq output (it has no {marker}) and --overwrite only replaces "
+                                    "folders moeq wrote; choose another --out or remove it yourself")
     return p
 
 
-def _check_writable(p: Path) -> None:
-    """Fail now, not after hours of work, when the output's folder cannot be written (nothing is left behind)."""
-    import tempfile
-
+def nearest_existing(p: Path) -> Path:
+    """The closest ancestor of ``p`` that exists (what a later mkdir -p starts from)."""
     parent = p.parent
     while not parent.exists() and parent != parent.parent:
         parent = parent.parent
+    return parent
+
+
+def probe_writable(folder: Path, flag: str, target: Path) -> None:
+    """Fail now, not after hours of work, when ``folder`` cannot be written: a temporary file is created and
+    removed there (nothing is left behind); a file in the way or a refusal names ``flag``."""
+    import tempfile
+
+    if not folder.is_dir():
+        raise ValueError(f"{flag} {target}: {folder} is a file, not a folder; choose another {flag}")
     try:
-        os.rmdir(tempfile.mkdtemp(prefix=".moeq-probe-", dir=parent))
+        fd, name = tempfile.mkstemp(prefix=".moeq-probe-", dir=folder)
+        os.close(fd)
+        os.unlink(name)
     except OSError as e:
-        raise ValueError(f"cannot write the output {p}: {parent} is not writable ({e.strerror}); "
-                                "choose another --out") from None
+        raise ValueError(f"{flag} {target}: cannot write in {folder} ({e.strerror}); choose another {flag}") from None
 
 
 @contextmanager
-def atomic_dir(out: str | os.PathLike, overwrite: bool = False):
+def atomic_dir(out: str | os.PathLike, overwrite: bool = False, marker: str | None = None):
     """Yield a temporary folder next to ``out``; on success it replaces ``out`` in one rename."""
-    final = check_output(out, overwrite)
+    final = check_output(out, overwrite, marker)
     final.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_siblings(final)
     tmp = final.parent / f".{final.name}.tmp-{os.getpid()}"
     if tmp.exists():
         shutil.rmtree(tmp)
@@ -62,10 +83,33 @@ def atomic_dir(out: str | os.PathLike, overwrite: bool = False):
         shutil.rmtree(old) if old.is_dir() else old.unlink()
 
 
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's live process
+        return True
+    return True
+
+
+def remove_stale_siblings(final: Path) -> None:
+    """Remove the ``.NAME.tmp-PID`` / ``.NAME.old-PID`` siblings that runs killed before their rename left
+    behind (their process is gone); a live process's sibling is left alone."""
+    from .progress import log
+
+    for stale in final.parent.glob(f".{final.name}.*-*"):
+        kind, _, pid = stale.name[len(final.name) + 2:].rpartition("-")
+        if kind in ("tmp", "old") and pid.isdigit() and not _alive(int(pid)):
+            log.warning("removing %s, left by an earlier run that was killed before it finished", stale)
+            shutil.rmtree(stale, ignore_errors=True) if stale.is_dir() else stale.unlink(missing_ok=True)
+
+
 def write_atomic(path: str | os.PathLike, text: str) -> None:
     """Write a file via a temporary sibling and an atomic rename."""
     p = Path(path)
     p.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_siblings(p)
     tmp = p.parent / f".{p.name}.tmp-{os.getpid()}"
     tmp.write_text(text)
     tmp.replace(p)

@@ -1,4 +1,4 @@
-"""Progress bars and logging, in one place (tqdm; silenced with MOEQ_QUIET=1 or when not a TTY in tests)."""
+"""Progress bars and logging, in one place (tqdm; MOEQ_QUIET=1 silences the bars and the info lines)."""
 
 from __future__ import annotations
 
@@ -20,6 +20,9 @@ def progress(iterable=None, desc: str = "", total: int | None = None, unit: str 
 
 
 def setup_logging(verbose: bool = False) -> None:
-    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format="%(message)s", stream=sys.stderr)
+    """moeq's log on stderr: debug lines with ``verbose``; else info lines, or only warnings under MOEQ_QUIET=1."""
+    quiet = os.environ.get("MOEQ_QUIET") == "1"
+    level = logging.DEBUG if verbose else logging.WARNING if quiet else logging.INFO
+    logging.basicConfig(level=level, format="%(message)s", stream=sys.stderr)
     for noisy in ("transformers", "compressed_tensors", "httpx", "urllib3", "filelock"):
         logging.getLogger(noisy).setLevel(logging.ERROR)
