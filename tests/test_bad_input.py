@@ -69,6 +69,8 @@ CASES = [
     case("e-tasks-ppl-none", "eval", "{m}", "--tasks", "nope", culprit="nope"),
     case("q-calib-no-text", "quantize", "{m}", "--out", "{out}", "--skip-eval", "--group-size", "32", "--calib",
          "{fx}/notext.jsonl", "--nsamples", "2", "--seqlen", "16", culprit="notext.jsonl"),
+    case("q-calib-broken-jsonl", "quantize", "{m}", "--out", "{out}", "--skip-eval", "--group-size", "32", "--calib",
+         "{fx}/broken.jsonl", "--nsamples", "2", "--seqlen", "16", culprit="broken.jsonl, line 2"),
     case("q-calib-binary", "quantize", "{m}", "--out", "{out}", "--skip-eval", "--group-size", "32", "--calib",
          "{fx}/binary.txt", "--nsamples", "2", "--seqlen", "16", culprit="binary.txt"),
     case("q-calib-empty", "quantize", "{m}", "--out", "{out}", "--skip-eval", "--group-size", "32", "--calib",
@@ -167,6 +169,7 @@ def _checkpoints(fx: Path, src: Path) -> None:
 def _files(fx: Path) -> None:
     """Bad calibration files, grids, a profile without sensitivities, a foreign output folder, a plain file."""
     (fx / "notext.jsonl").write_text('{"content": "no text field"}\n')
+    (fx / "broken.jsonl").write_text('{"text": "fine"}\n{"text": \n')
     (fx / "binary.txt").write_bytes(bytes(range(256)) * 8)
     (fx / "empty.txt").write_text("")
     (fx / "bad.yaml").write_text("methods: [rtn\nbits: 4\n")

@@ -152,6 +152,7 @@ def test_calib_ebss_then_stats_measures_the_set_at_its_own_length(tiny_ckpt, tmp
 def test_stale_siblings_of_killed_runs_are_removed_and_live_ones_kept(tmp_path):
     """A run killed before its final rename leaves ``.OUT.tmp-PID``; the next run on OUT removes it (its
     process is gone) but never touches the sibling of a process that is still running."""
+    import socket
     import subprocess
 
     from moeq.utils.fs import atomic_dir, write_atomic
@@ -165,9 +166,14 @@ def test_stale_siblings_of_killed_runs_are_removed_and_live_ones_kept(tmp_path):
     live.mkdir()
     foreign = tmp_path / ".out.tmp-notapid"
     foreign.mkdir()
+    rank_here = tmp_path / f".out.tmp-{socket.gethostname()}-{dead.pid}"  # a distributed rank's scratch
+    rank_here.mkdir()
+    rank_elsewhere = tmp_path / f".out.tmp-another-host-{dead.pid}"  # its pid means nothing on this host
+    rank_elsewhere.mkdir()
     with atomic_dir(out) as tmp:
         (tmp / "x").write_text("1")
     assert not stale.exists() and live.exists() and foreign.exists() and (out / "x").read_text() == "1"
+    assert not rank_here.exists() and rank_elsewhere.exists()
     f = tmp_path / "r.json"
     stale_file = tmp_path / f".r.json.tmp-{dead.pid}"
     stale_file.write_text("half")

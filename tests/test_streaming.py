@@ -3,6 +3,7 @@ solves, resume after a kill, FP8 sources, and a memory bound measured on a real 
 
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -105,7 +106,13 @@ def test_chunked_solves_give_the_one_call_results(tiny_ckpt, tmp_path, monkeypat
 def _cli(*args, env_extra=None):
     env = {**os.environ, "MOEQ_QUIET": "1", "PYTHONPATH": SRC, **(env_extra or {})}
     return subprocess.run([sys.executable, "-m", "moeq.cli", *map(str, args)], capture_output=True, text=True,
-                          env=env, timeout=600)
+                          env=env, timeout=600, preexec_fn=_default_sigint)
+
+
+def _default_sigint():
+    """A child of a shell's background job inherits an ignored SIGINT (and Python then leaves it ignored): give
+    the child the default, as in a terminal."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 def test_resume_after_a_kill_gives_identical_tensors(tiny_ckpt, tmp_path):

@@ -75,7 +75,9 @@ def build_parser() -> argparse.ArgumentParser:
     csub = c.add_subparsers(dest="calib_cmd", required=True)
     ce = csub.add_parser("ebss", help="the model writes its own expert-balanced calibration set (MoEQuant EBSS)")
     ce.add_argument("model", nargs="?", default=None, help="bundled name, checkpoint dir or hub id (default: bundled)")
-    ce.add_argument("--num", type=POSITIVE, default=128, help="sequences (default 128)")
+    ce.add_argument("--nsamples", "--num", dest="num", type=POSITIVE, default=128,
+                    help="sequences (default 128; --num is accepted too, except under torchrun, whose own --numa-binding "
+                         "it would be taken for)")
     ce.add_argument("--length", type=LENGTH, default=512, help="tokens per sequence, 2..context (default 512)")
     ce.add_argument("--width", type=POSITIVE, default=4, help="beam width (default 4)")
     ce.add_argument("--tau", type=float_range(0), default=1.2, help="balance temperature, > 0 (default 1.2)")
@@ -158,14 +160,18 @@ def cmd_quantize(a) -> int:
     evals = EvalSpec(ppl=_ppl_sets(a), seqlen=a.eval_seqlen, ppl_limit=a.ppl_limit, tasks=tuple(a.tasks),
                      limit=a.limit, num_fewshot=a.num_fewshot, task_batch_size=a.task_batch_size,
                      fidelity=a.fidelity)
-    kill, _, sig = (a.kill_after_block or "").partition(":")
+    hook, _, on_rank = (a.kill_after_block or "").partition("@")  # test hook: N[:INT|:TERM][@RANK]
+    kill, _, sig = hook.partition(":")
+    kill = kill if not on_rank or int(on_rank) == a.dist.rank else ""
     options = RunOptions(max_memory=a.max_memory, offload_activations=a.offload_activations,
                          max_solve_memory=a.max_solve_memory, max_shard_size=a.max_shard_size, resume=a.resume,
-                         fp_cache=a.fp_cache,
+                         fp_cache=a.fp_cache, dist=a.dist,
                          kill_after_block=int(kill) if kill else None,
                          kill_signal={"INT": signal.SIGINT, "TERM": signal.SIGTERM}.get(sig, signal.SIGKILL))
     rep = quantize(a.model, cfg, a.out, device=a.device, evals=evals, skip_eval=a.skip_eval, overwrite=a.overwrite,
                    data_dir=a.data_dir, trust_remote_code=a.trust_remote_code, options=options)
+    if not a.dist.main:
+        return 0
     if a.verbose:
         print(module_table(rep["modules"]))
     print(f"model {rep['model']['name']} ({rep['model']['architecture']}, {rep['model']['params']:,} params)")
@@ -212,6 +218,9 @@ def cmd_eval(a) -> int:
     if a.json is not None:
         output_file(a.json, "--json")
     _check_eval_flags(a)
+    if a.dist.enabled and (a.tasks or a.balance or a.against):
+        raise ValueError("under torchrun moeq eval measures perplexity only; run --tasks, --balance and --against "
+                         "without torchrun")
     info = _open_checked(a, {"--seqlen": a.eval_seqlen})
     if a.against:
         _check_against(a)
@@ -223,7 +232,9 @@ def cmd_eval(a) -> int:
     if fits_on_device(loaded.model, device):
         loaded.model.to(device)
     res = evaluate_ppl(loaded.model, loaded.tokenizer, _ppl_sets(a), a.eval_seqlen, a.data_dir,
-                       limit=a.ppl_limit)
+                       limit=a.ppl_limit, dist=a.dist)
+    if not a.dist.main:
+        return 0
     _print_ppl(res)
     if a.tasks:
         from .evaluate.lm_eval import run_tasks
@@ -286,7 +297,9 @@ def _streamed_eval(a, device, info) -> int | None:
     with torch.no_grad():
         res = streamed_ppl(src, load_tokenizer(info.path, a.trust_remote_code), _ppl_sets(a),
                            default_seqlen(src.model, a.eval_seqlen), a.data_dir, limit=a.ppl_limit,
-                           placement="cpu")
+                           placement="cpu", dist=a.dist)
+    if not a.dist.main:
+        return 0
     _print_ppl(res)
     if a.json:
         write_atomic(a.json, json.dumps(res, indent=2) + "\n")
@@ -318,7 +331,9 @@ def cmd_calib_ebss(a) -> int:
     _open_checked(a, {"--length": a.length})
     device = resolve_device(a.device)
     loaded = _load(a, device)
-    rows, stats = generate(loaded.model, loaded.tokenizer, cfg, device)
+    rows, stats = generate(loaded.model, loaded.tokenizer, cfg, device, a.dist)
+    if not a.dist.main:
+        return 0
     write_jsonl(rows, a.out)
     nll = sum(r["nll"] for r in rows) / len(rows)
     print(f"wrote {len(rows)} sequences x {a.length} tokens to {a.out} in {stats['seconds']:.1f}s "
@@ -389,10 +404,11 @@ def _allocate_cmd(name: str):
 
 
 def cmd_methods(a) -> int:
-    from .methods import METHODS
+    from .methods import METHODS, single_process_reason
 
     if a.json:
-        print(json.dumps([{k: v for k, v in vars(m).items()} for m in METHODS.values()], indent=2))
+        print(json.dumps([{**vars(m), "distributed": single_process_reason(m.name) is None} for m in METHODS.values()],
+                         indent=2))
         return 0
     for m in METHODS.values():
         print(m.describe())
@@ -449,6 +465,7 @@ def main(argv: list[str] | None = None) -> int:
     from .calib.sources import DataNotFoundError
     from .export.partial import Interrupted
     from .preflight import check_data_dir
+    from .utils import dist as distributed
     from .utils.fs import OutputExistsError
     from .utils.progress import setup_logging
 
@@ -457,15 +474,20 @@ def main(argv: list[str] | None = None) -> int:
     except SystemExit as e:  # --help, --version (0) or a usage error (2), already printed by argparse
         return e.code if isinstance(e.code, int) else 2
     verbose = getattr(a, "verbose", False)
+    rank = int(os.environ.get("RANK", "0")) if distributed.launched() else 0
+    if rank and argv is None:  # torchrun: the other ranks print only their errors
+        os.environ["MOEQ_QUIET"] = "1"
     setup_logging(verbose)
     if argv is None:  # the moeq process itself: SIGTERM (kill, a job scheduler) stops like Ctrl-C
         signal.signal(signal.SIGTERM, _terminate)
         if os.environ.get("MOEQ_QUIET") == "1":  # transformers' and the hub's bars too (read when they load)
             os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     name = f"calib {a.calib_cmd}" if a.cmd == "calib" else a.cmd
+    name += f" [rank {rank}]" if rank else ""
     try:
         if hasattr(a, "data_dir"):
             check_data_dir(a.data_dir)
+        a.dist = _join_ranks(a, name) if distributed.launched() else distributed.Dist()
         return COMMANDS[a.cmd](a)
     except (ValueError, DataNotFoundError, OutputExistsError) as e:  # every moeq user error is one of these
         return _fail(name, str(e), 2, verbose)
@@ -477,6 +499,22 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     except Exception as e:  # noqa: BLE001 - the one error path: never a bare traceback
         return _fail(name, _runtime_problem(e, verbose), 1, verbose)
+    finally:
+        distributed.shutdown()
+
+
+DISTRIBUTED = ("quantize", "eval", "calib ebss")  # what runs on several ranks (torchrun)
+
+
+def _join_ranks(a, name: str):
+    """Under torchrun: join the process group; this rank's device replaces --device."""
+    from .utils.dist import init_from_env
+
+    if name.split(" [")[0] not in DISTRIBUTED:
+        raise ValueError(f"moeq {name.split(' [')[0]} runs in one process; under torchrun only "
+                         f"{', '.join(DISTRIBUTED)} run (start it without torchrun)")
+    dist, a.device = init_from_env(a.device, a.dist_timeout)
+    return dist
 
 
 if __name__ == "__main__":

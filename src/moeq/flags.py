@@ -107,6 +107,8 @@ def add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--allow-pickle", action="store_true",
                    help="load a checkpoint whose weights are only pickle files (.bin/.pt) with torch.load("
                         "weights_only=True); by default moeq reads safetensors only")
+    p.add_argument("--dist-timeout", type=float_range(0), default=1800, metavar="SECONDS",
+                   help="under torchrun: how long a rank waits for the others before the run fails instead of hanging")
     p.add_argument("-v", "--verbose", "--debug", dest="verbose", action="store_true",
                    help="debug logging, per-module tables, and the full traceback of an error")
 
@@ -258,4 +260,4 @@ def add_run_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-fp-cache", dest="fp_cache", action="store_false",
                    help="evaluate the FP model again even when an earlier run on the same model files and evaluation "
                         "settings cached its figures")
-    p.add_argument("--kill-after-block", default=None, help=argparse.SUPPRESS)  # test hook: N, N:INT or N:TERM
+    p.add_argument("--kill-after-block", default=None, help=argparse.SUPPRESS)  # test hook: N, N:INT or N:TERM, @RANK

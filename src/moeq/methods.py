@@ -48,13 +48,19 @@ class Method:
 
     def describe(self) -> str:
         extra = f" (alias: {', '.join(self.aliases)})" if self.aliases else ""
+        ranks = "one process only" if self.search in SINGLE_PROCESS else "torchrun ok"
         return (f"{self.name}{extra}: {self.summary}; calibration {self.calib or 'none'}; exports "
-                f"{', '.join(self.exports)}; {self.paper}")
+                f"{', '.join(self.exports)}; {ranks}; {self.paper}")
 
 
 METHODS: dict[str, Method] = {}
 ALIASES: dict[str, str] = {}
 SEARCHES = ("awq", "lwc")  # implemented by moeq.capture.awq_stage / lwc_stage
+# why a block search runs in one process only (torchrun runs are refused with this)
+SINGLE_PROCESS = {
+    "awq": "its scale and clip search scores every candidate on all calibration rows of a block at once",
+    "lwc": "it trains clipping factors by gradient descent over all calibration rows of a block",
+}
 
 
 def register_method(m: Method) -> Method:
@@ -75,6 +81,15 @@ def get_method(name: str) -> Method:
 def method_names() -> list[str]:
     """Every accepted --method value: registered names, then aliases."""
     return list(METHODS) + list(ALIASES)
+
+
+def single_process_reason(name: str) -> str | None:
+    """Why ``--method name`` cannot run on several ranks (torchrun), as one line with the fix; None if it can."""
+    m = get_method(name)
+    if m.search not in SINGLE_PROCESS:
+        return None
+    return (f"--method {name} runs in one process only: {SINGLE_PROCESS[m.search]}, which moeq does not yet split "
+            "across ranks; run it without torchrun (one process, one device)")
 
 
 def resolve_config(cfg: QuantConfig, is_moe: bool = True) -> tuple[QuantConfig, list[str]]:

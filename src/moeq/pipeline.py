@@ -40,9 +40,10 @@ from .models.lazy import CheckpointSource, ResidentSource, module_bytes
 from .models.loading import Loaded, compute_dtype, load_tokenizer, open_checkpoint
 from .quant.primitives import QuantArgs
 from .utils.device import fits_on_device, peak_memory_mb, resolve_device
+from .utils.dist import Dist
 from .preflight import check_apart
 from .calib.sources import data_root
-from .utils.fs import check_output
+from .utils.fs import check_output, remove_stale_siblings
 from .utils.memory import fmt_bytes, free_bytes
 from .utils.progress import log
 from .stream import LoopResult, embeddings_and_inputs, head, placement, quantize_blocks, resumed_transforms
@@ -60,6 +61,7 @@ class RunOptions:
     fp_cache: bool = True  # reuse the FP figures of an earlier run on the same model and settings
     kill_after_block: int | None = None  # test hook: send this process ``kill_signal`` once block N is checkpointed
     kill_signal: int = signal.SIGKILL
+    dist: Dist = Dist()  # several ranks (torchrun): data-parallel calibration, expert-parallel solves
 
 
 @dataclass(frozen=True)
@@ -93,9 +95,11 @@ def check_plan(adapter: ModelAdapter, cfg: QuantConfig) -> None:
         log.warning(msg)
 
 
-def evaluate(model, tokenizer, ev: EvalSpec, data_dir=None, windows: dict | None = None, label: str = "") -> dict:
+def evaluate(model, tokenizer, ev: EvalSpec, data_dir=None, windows: dict | None = None, label: str = "",
+             dist: Dist = Dist()) -> dict:
     """Perplexities and task metrics of one in-memory model: {"wikitext2": {...}, ..., "tasks": {...}}."""
-    out = evaluate_ppl(model, tokenizer, ev.ppl, ev.seqlen, data_dir, windows, label=label, limit=ev.ppl_limit)
+    out = evaluate_ppl(model, tokenizer, ev.ppl, ev.seqlen, data_dir, windows, label=label, limit=ev.ppl_limit,
+                       dist=dist)
     if ev.tasks:
         from .evaluate.lm_eval import run_tasks
 
@@ -125,6 +129,9 @@ def quantize(model: str | None, cfg: QuantConfig, out: str | Path | None, *, dev
     Returns the report, or (report, in-memory quantized model) with ``return_model``."""
     t_start = time.perf_counter()
     secs = {"load": 0.0, "calibration": 0.0, "quantize": 0.0, "evaluate": 0.0, "export": 0.0}
+    dist = options.dist
+    if dist.enabled:
+        _check_distributed(cfg, evals, skip_eval)
     device = resolve_device(device)
     info = open_checkpoint(model, trust_remote_code)  # the config only
     if out is not None and str(out).strip():  # before anything is written (even a writability probe)
@@ -153,14 +160,21 @@ def quantize(model: str | None, cfg: QuantConfig, out: str | Path | None, *, dev
     log.info("model: %s in %s; %s", fmt_bytes(size), str(dtype).replace("torch.", ""),
              "kept in memory" if resident else "streamed block by block from its shards")
 
-    fingerprint = {"moeq": __version__, "model": model_fingerprint(info.path), "quant": cfg.to_dict()}
-    partial = PartialRun(out_path, fingerprint, options.resume, overwrite) if out_path is not None else None
+    fingerprint = {"moeq": __version__, "model": model_fingerprint(info.path), "quant": cfg.to_dict(),
+                   **({"ranks": dist.world} if dist.enabled else {})}  # the batches a rank holds depend on it
+    partial = PartialRun(out_path, fingerprint, options.resume, overwrite) if out_path is not None and dist.main \
+        else None
+    if out_path is not None:
+        remove_stale_siblings(out_path)
     with partial if partial is not None else contextlib.nullcontext():
         start = partial.resumed_from or 0 if partial is not None else 0
+        state = partial.state if partial is not None else {}
+        # rank 0's partial run decides for every rank; the others keep their activations in it too
+        start, state, pdir = dist.broadcast((start, state, str(partial.dir) if partial is not None else None))
+        rank_dir = Path(pdir) / f"acts-rank{dist.rank}" if pdir and not dist.main else None
         if start and cfg.act is not None:
             raise ValueError("a W*A* fake-quant run cannot resume (its evaluation needs every block in memory); "
                              "pass --overwrite to start over")
-        state = partial.state if partial is not None else {}
         model_obj = None
         if resident:
             t = time.perf_counter()
@@ -189,32 +203,35 @@ def quantize(model: str | None, cfg: QuantConfig, out: str | Path | None, *, dev
             return model_obj or CheckpointSource(info.path, info.config, dtype, info.storage_dtype, device,
                                                  trust_remote_code).load_all()
         t = time.perf_counter()
-        calib = run_calibration(partial, whole_model, source.model, tokenizer, info.path, cfg, data_dir, device) \
-            if needs_calibration(cfg) else None
+        calib = run_calibration(partial, whole_model, source.model, tokenizer, info.path, cfg, data_dir, device,
+                                dist) if needs_calibration(cfg) else None
         secs["calibration"] = time.perf_counter() - t
 
         t = time.perf_counter()
-        run = MethodRun(adapter, cfg, info.storage_dtype, options.max_solve_memory)
+        run = MethodRun(adapter, cfg, info.storage_dtype, options.max_solve_memory, dist)
         run.notes += method_notes
         loop = LoopResult()
         writer = PartWriter(partial.dir, options.max_shard_size) if partial is not None else None
         loop_source = ResidentSource(model_obj, device) if resident else source
         acts = None
         if start:
-            resumed_transforms(partial, run, start)
+            if partial is not None:
+                resumed_transforms(partial, run, start)
+                writer.drop({"embed"} | {f"block-{i:05d}" for i in range(start)})
             loop.rows = state.get("rows", {})
             loop.expert_tokens = {int(k): v for k, v in state.get("expert_tokens", {}).items()}
             run.notes = state.get("notes", run.notes)
-            writer.drop({"embed"} | {f"block-{i:05d}" for i in range(start)})
             if calib is not None:
-                acts = Activations.load(partial.acts_dir, state["acts_gen"], placement(options, partial), device)
+                acts = Activations.load(partial.acts_dir if partial is not None else rank_dir, state["acts_gen"],
+                                        placement(options, partial or rank_dir), device)
             log.info("resuming %s after block %d of %d", out, start, adapter.num_blocks)
         else:
             if partial is not None:
                 partial.commit(num_blocks=adapter.num_blocks)
-            acts = embeddings_and_inputs(source, run, calib, cfg, writer, options, partial, device, resident)
+            acts = embeddings_and_inputs(source, run, calib, cfg, writer, options, partial, device, resident, dist,
+                                         rank_dir)
         quantize_blocks(loop_source, run, acts, loop, keep=resident, start=start, writer=writer, partial=partial,
-                        options=options, keep_results=writer is None)
+                        options=options, keep_results=writer is None and rank_dir is None, rank_dir=rank_dir)
         head(source, run, writer, resident)
         if resident and not run.hooks:
             adapter.refuse()  # the model's own (fused) forward for evaluation
@@ -246,13 +263,15 @@ def quantize(model: str | None, cfg: QuantConfig, out: str | Path | None, *, dev
                 writer.finish([])
             secs["export"] = time.perf_counter() - t
         if resident and start:  # blocks an earlier process finished are only on disk: read the result back
-            model_obj = CheckpointSource(str(partial.dir), _reloaded_config(partial.dir, trust_remote_code), dtype,
+            dist.barrier()  # rank 0 has written it
+            model_obj = CheckpointSource(pdir, _reloaded_config(Path(pdir), trust_remote_code), dtype,
                                          info.storage_dtype, "cpu", trust_remote_code).load_all()
         if not skip_eval:
             t = time.perf_counter()
             qmodel = model_obj
-            qsource = None if resident else CheckpointSource(str(partial.dir), _reloaded_config(
-                partial.dir, trust_remote_code), dtype, info.storage_dtype, device, trust_remote_code)
+            dist.barrier()  # rank 0 has written the checkpoint
+            qsource = None if resident else CheckpointSource(pdir, _reloaded_config(
+                Path(pdir), trust_remote_code), dtype, info.storage_dtype, device, trust_remote_code)
             metrics["quantized"] = _evaluate(qmodel, qsource, tokenizer, evals, data_dir, windows,
                                              cfg.plan.label(), options, partial)
             if fp_copy is not None:
@@ -265,6 +284,8 @@ def quantize(model: str | None, cfg: QuantConfig, out: str | Path | None, *, dev
         secs["total"] = time.perf_counter() - t_start
         report["seconds"] = {k: round(v, 3) for k, v in secs.items()}
         report["peak_memory_mb"] = peak_memory_mb()
+        if dist.enabled:
+            report["distributed"] = _ranks_summary(dist, device, rows)
         if partial is not None:
             (partial.dir / "report.json").write_text(dumps(report))
             partial.finish()
@@ -278,16 +299,37 @@ def _fp_metrics(model_dir: str, settings: dict, options: RunOptions, notes: list
 
     settings["evals"].pop("fidelity", None)
     key = fp_cache.fp_key(model_dir, settings) if options.fp_cache else None
-    cached = fp_cache.load(key) if key else None
+    cached = options.dist.broadcast(fp_cache.load(key) if key and options.dist.main else None)  # rank 0 decides
     if cached is not None:
         notes.append(f"FP figures reused from an earlier run with the same model files and evaluation settings "
                      f"({fp_cache.cache_root() / 'fp' / key}.json; --no-fp-cache recomputes them)")
         log.info("FP figures reused from the cache")
         return cached
     metrics = compute()
-    if key:
+    if key and options.dist.main:
         fp_cache.store(key, metrics)
     return metrics
+
+
+def _check_distributed(cfg: QuantConfig, evals: EvalSpec, skip_eval: bool) -> None:
+    """What a run on several ranks cannot do yet is refused before any work, with the way to do it."""
+    from .methods import single_process_reason
+
+    why = single_process_reason(cfg.method)
+    if why:
+        raise ValueError(why)
+    if not skip_eval and (evals.tasks or evals.fidelity):
+        raise ValueError(f"{'--tasks' if evals.tasks else '--fidelity'} runs in one process only (lm-evaluation-harness "
+                         "and the FP comparison drive one whole model): quantize under torchrun with --skip-eval or "
+                         "perplexity only, then run `moeq eval OUT --tasks ... / --against MODEL` without torchrun")
+
+
+def _ranks_summary(dist: Dist, device: str, rows: list[dict]) -> dict:
+    """Per rank: device, peak memory, linears solved and their solve seconds (every rank's view, gathered)."""
+    mine = [r for r in rows if r.get("rank") == dist.rank]
+    ranks = dist.gather({"rank": dist.rank, "device": str(device), "peak_memory_mb": peak_memory_mb(),
+                         "linears_solved": len(mine), "solve_seconds": round(sum(r["seconds"] for r in mine), 3)})
+    return {"world_size": dist.world, "backend": dist.backend, "ranks": ranks}
 
 
 def _refuse_streamed(evals: EvalSpec, skip_eval: bool, return_model: bool, cfg: QuantConfig, size: int,
@@ -306,15 +348,15 @@ def _refuse_streamed(evals: EvalSpec, skip_eval: bool, return_model: bool, cfg: 
 
 
 def _evaluate(model, source, tokenizer, evals, data_dir, windows, label, options, partial) -> dict:
-    """In memory when the model is resident, else streamed block by block."""
+    """In memory when the model is resident, else streamed block by block (windows split over the ranks)."""
     if model is not None:
-        return evaluate(model, tokenizer, evals, data_dir, windows, label)
+        return evaluate(model, tokenizer, evals, data_dir, windows, label, options.dist)
     from .evaluate.streamed import streamed_ppl
 
     folder = partial.dir / "eval-acts" if partial is not None else None
     seqlen = default_seqlen(source.model, evals.seqlen)
     return streamed_ppl(source, tokenizer, evals.ppl, seqlen, data_dir, windows, evals.ppl_limit, label,
-                        options.offload_activations if folder is not None else "cpu", folder)
+                        options.offload_activations if folder is not None else "cpu", folder, options.dist)
 
 
 def _reloaded_config(folder: Path, trust_remote_code: bool):

@@ -19,6 +19,7 @@ from .capture.quantize import MethodRun, export_blocker
 from .capture.solve import expert_tokens
 from .export.compressed_tensors import part_tensors
 from .export.partial import PartialRun
+from .utils.dist import Dist
 
 
 @dataclass
@@ -35,8 +36,9 @@ def placement(options, partial) -> str:
 
 
 def quantize_blocks(source, run: MethodRun, acts, loop: LoopResult, *, keep: bool, start: int = 0, writer=None,
-                    partial: PartialRun | None = None, options=None, keep_results: bool = False):
-    """The one block loop with what quantization does after each block: record, write, checkpoint."""
+                    partial: PartialRun | None = None, options=None, keep_results: bool = False, rank_dir=None):
+    """The one block loop with what quantization does after each block: record, write, checkpoint (rank 0 the
+    run state; another rank of a distributed run its activations, in ``rank_dir``)."""
     exportable = export_blocker(run.cfg) is None
 
     def done(i, ctx, outcome, nxt):
@@ -52,28 +54,34 @@ def quantize_blocks(source, run: MethodRun, acts, loop: LoopResult, *, keep: boo
         if writer is not None and exportable:
             writer.write(f"block-{i:05d}", part_tensors(ctx.adapter, ctx.block, f"{ctx.name}.", solved.results,
                                                         run.storage_dtype))
-        if partial is not None:
-            _checkpoint(partial, run, i, outcome, nxt, loop)
+        if partial is not None or rank_dir is not None:
+            _checkpoint(partial, rank_dir, run, i, outcome, nxt, loop)
         if options is not None and options.kill_after_block == i:
             os.kill(os.getpid(), options.kill_signal)
 
     return run_blocks(source, acts, run.process, start=start, keep=keep, done=done, desc=f"{run.cfg.method} blocks")
 
 
-def _checkpoint(partial: PartialRun, run: MethodRun, i: int, outcome, acts, loop: LoopResult) -> None:
-    """Persist block i: its searched transforms, the next block's inputs, then the state that points to them."""
+def _checkpoint(partial: PartialRun | None, rank_dir, run: MethodRun, i: int, outcome, acts, loop: LoopResult) -> None:
+    """Persist block i: its searched transforms, the next block's inputs (every rank its own), then the state
+    that points to them (rank 0, once every rank's inputs are on disk)."""
     from .transforms.artifact import Transforms
 
+    dist = run.solve.dist
     tr = Transforms(online_linears=outcome.online, smooth=outcome.search.scales, clips=outcome.search.clips)
-    if tr:
+    if tr and partial is not None:
         tr.save(partial.dir / "parts" / f"transforms-{i:05d}.mt")
     last = i + 1 == run.adapter.num_blocks
+    folder = partial.acts_dir if partial is not None else rank_dir
     if acts is not None and not last:
-        acts.save(partial.acts_dir)
-    partial.commit(blocks_done=i + 1, acts_gen=acts.gen if acts is not None else None, rows=loop.rows,
-                   expert_tokens={str(k): v for k, v in loop.expert_tokens.items()}, notes=run.notes)
+        acts.save(folder)
+    dist.barrier()
+    if partial is not None:
+        partial.commit(blocks_done=i + 1, acts_gen=acts.gen if acts is not None else None, rows=loop.rows,
+                       expert_tokens={str(k): v for k, v in loop.expert_tokens.items()}, notes=run.notes)
+    dist.barrier()
     if acts is not None and not last:
-        acts.prune(partial.acts_dir)
+        acts.prune(folder)
 
 
 def resumed_transforms(partial: PartialRun, run: MethodRun, start: int) -> None:
@@ -90,8 +98,10 @@ def resumed_transforms(partial: PartialRun, run: MethodRun, start: int) -> None:
         run.transforms.clips.update(t.clips)
 
 
-def embeddings_and_inputs(source, run: MethodRun, calib, cfg, writer, options, partial, device, resident):
-    """Load the embeddings, let the method transform them, write them, capture block 0's inputs, free them."""
+def embeddings_and_inputs(source, run: MethodRun, calib, cfg, writer, options, partial, device, resident,
+                          dist: Dist = Dist(), scratch=None):
+    """Load the embeddings, let the method transform them, write them, capture block 0's inputs (this rank's
+    share of the calibration batches), free them."""
     emb = source.load_embeddings()
     try:
         run.on_embeddings()
@@ -102,8 +112,14 @@ def embeddings_and_inputs(source, run: MethodRun, calib, cfg, writer, options, p
             return None
         if calib.ids.numel() == 0:
             raise ValueError("the calibration set is empty: give --calib a source with text and --nsamples >= 1")
-        return Activations.capture(source.model, source.adapter.blocks[0], list(calib.ids.split(cfg.batch_size)),
-                                   device, placement(options, partial), partial.acts_dir if partial else None)
+        batches = list(calib.ids.split(cfg.batch_size))
+        if len(batches) < dist.world:
+            raise ValueError(f"{calib.ids.shape[0]} calibration sequences in batches of {cfg.batch_size} make "
+                             f"{len(batches)} batches, fewer than the {dist.world} ranks: raise --nsamples or lower "
+                             "--batch-size")
+        folder = partial.acts_dir if partial else scratch
+        return Activations.capture(source.model, source.adapter.blocks[0], [batches[k] for k in dist.mine(len(batches))],
+                                   device, placement(options, partial or scratch), folder)
     finally:
         source.release_embeddings(keep=resident)
 

@@ -39,7 +39,7 @@ def impact_hessians(gs: GroupStats, gw: GroupStats | None, records: dict[str, Mo
     for name in gs.modules:
         src = gw if gw is not None and records[name].role in WEIGHTED_ROLES and name in gw.modules else gs
         st = src.stats.get(src.owner(name))
-        out[name] = st.H / max(1, total_tokens) if st is not None else None
+        out[name] = st.H.float() / max(1, total_tokens) if st is not None else None
     return out
 
 

@@ -26,6 +26,7 @@ import torch
 
 from ..models.adapter import ModelAdapter
 from ..models.moe import RoutingTap
+from ..utils.dist import Dist
 from ..utils.progress import progress
 
 
@@ -143,8 +144,10 @@ def _generate_batch(model, tap: RoutingTap, first: torch.Tensor, cfg: EBSSConfig
     return ids[pick].cpu(), (-R[pick] / (L - 1)).float().cpu(), sigma[pick].float().cpu()
 
 
-def generate(model, tokenizer, cfg: EBSSConfig, device="cpu") -> tuple[list[dict], dict]:
-    """Generate ``cfg.num`` EBSS sequences. -> (rows {input_ids, text, nll, balance_std}, stats)."""
+def generate(model, tokenizer, cfg: EBSSConfig, device="cpu", dist: Dist = Dist()) -> tuple[list[dict], dict]:
+    """Generate ``cfg.num`` EBSS sequences. -> (rows {input_ids, text, nll, balance_std}, stats). With several
+    ranks each generates every world-th batch of ``cfg.batch`` sequences and all ranks get every row, in
+    order: the single-process set (each batch is generated on its own)."""
     ad = ModelAdapter.for_model(model)
     if not ad.moe_blocks():
         raise ValueError("EBSS needs a mixture-of-experts model (this one has no MoE layers)")
@@ -153,14 +156,17 @@ def generate(model, tokenizer, cfg: EBSSConfig, device="cpu") -> tuple[list[dict
     allowed = (~bad).nonzero().squeeze(1)
     g = torch.Generator().manual_seed(cfg.seed)
     first = allowed[torch.randint(0, allowed.numel(), (cfg.num,), generator=g)]  # random first tokens
-    rows, t0 = [], time.perf_counter()
-    with RoutingTap(ad) as tap, progress(total=cfg.num * (cfg.length - 1), desc="EBSS", unit="tok") as bar:
-        for s in range(0, cfg.num, cfg.batch):
-            ids, nll, sig = _generate_batch(model, tap, first[s:s + cfg.batch], cfg, bad, device, bar)
-            for r in range(ids.shape[0]):
-                seq = ids[r].tolist()
-                rows.append({"input_ids": seq, "text": tokenizer.decode(seq), "nll": round(float(nll[r]), 5),
-                             "balance_std": round(float(sig[r]), 6)})
+    starts = list(range(0, cfg.num, cfg.batch))
+    mine, per_batch, t0 = dist.mine(len(starts)), {}, time.perf_counter()
+    total = sum(min(cfg.batch, cfg.num - starts[k]) for k in mine) * (cfg.length - 1)
+    with RoutingTap(ad) as tap, progress(total=total, desc="EBSS", unit="tok") as bar:
+        for k in mine:
+            ids, nll, sig = _generate_batch(model, tap, first[starts[k]:starts[k] + cfg.batch], cfg, bad, device, bar)
+            per_batch[k] = [{"input_ids": ids[r].tolist(), "text": tokenizer.decode(ids[r].tolist()),
+                             "nll": round(float(nll[r]), 5), "balance_std": round(float(sig[r]), 6)}
+                            for r in range(ids.shape[0])]
+    got = {k: v for part in dist.gather(per_batch) for k, v in part.items()}
+    rows = [row for k in sorted(got) for row in got[k]]
     secs = time.perf_counter() - t0
     stats = {"seconds": secs, "tokens": cfg.num * cfg.length, "tokens_per_s": cfg.num * cfg.length / secs,
              "config": asdict(cfg)}
@@ -194,16 +200,20 @@ def cache_path(model_path: str, cfg: EBSSConfig):
     return root / f"{p.name}-{h.hexdigest()[:16]}.jsonl"
 
 
-def ebss_calibration(model, tokenizer, model_path: str, cfg: EBSSConfig, device="cpu") -> tuple[torch.Tensor, dict]:
-    """Token ids (num, length) of an EBSS set, generated once per model and settings and then reused."""
+def ebss_calibration(model, tokenizer, model_path: str, cfg: EBSSConfig, device="cpu",
+                     dist: Dist = Dist()) -> tuple[torch.Tensor, dict]:
+    """Token ids (num, length) of an EBSS set, generated once per model and settings and then reused (rank 0's
+    cache decides for every rank, and only rank 0 writes it)."""
     path = cache_path(model_path, cfg)
     info = {"cache": str(path)}
-    if path.is_file():
-        rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    rows = dist.broadcast([json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+                          if dist.main and path.is_file() else None)
+    if rows is not None:
         info["reused"] = True
     else:
-        rows, stats = generate(model, tokenizer, cfg, device)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        write_jsonl(rows, path)
+        rows, stats = generate(model, tokenizer, cfg, device, dist)
+        if dist.main:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            write_jsonl(rows, path)
         info.update(reused=False, **{k: v for k, v in stats.items() if k != "config"})
     return torch.tensor([r["input_ids"] for r in rows]), info

@@ -19,11 +19,12 @@ from dataclasses import dataclass, field
 import torch
 
 from ..config import QuantConfig
-from ..methods import get_method
+from ..methods import get_method, single_process_reason
 from ..models.adapter import ModelAdapter
 from ..quant.act import attach_act_quant
 from ..solvers.registry import SolveOptions, get_solver
 from ..transforms.artifact import Transforms
+from ..utils.dist import Dist
 from ..transforms.rotate import (draw_rotation, fold_online_hadamard, online_hadamard_targets, rotate_block,
                                  rotate_embeddings, rotate_head)
 from .awq_stage import awq_block
@@ -54,25 +55,29 @@ def export_blocker(cfg: QuantConfig) -> str | None:
     return None
 
 
-def solve_spec(cfg: QuantConfig, plan: dict, storage_dtype, max_solve_memory: int | None = None) -> SolveSpec:
+def solve_spec(cfg: QuantConfig, plan: dict, storage_dtype, max_solve_memory: int | None = None,
+               dist: Dist = Dist()) -> SolveSpec:
     """The solve stage's settings for a resolved config."""
     return SolveSpec(
         plan=plan, solver=get_solver(get_method(cfg.method).solver),
         opts=SolveOptions(storage_dtype, bool(cfg.mse_clip), cfg.gptq.blocksize, cfg.gptq.damp, cfg.gptq.act_order),
         storage_dtype=storage_dtype, agq=bool(cfg.agq), agq_gate_proj=cfg.agq_gate_proj,
         coverage_all=cfg.expert_coverage == "all", min_tokens=cfg.min_tokens, fallback=cfg.fallback,
-        true_sequential=cfg.true_sequential, batched=cfg.batched_solve, max_memory=max_solve_memory)
+        true_sequential=cfg.true_sequential, batched=cfg.batched_solve, max_memory=max_solve_memory, dist=dist)
 
 
 class MethodRun:
     """A resolved config bound to an adapter (see the module docstring)."""
 
     def __init__(self, adapter: ModelAdapter, cfg: QuantConfig, storage_dtype: torch.dtype | None,
-                 max_solve_memory: int | None = None):
+                 max_solve_memory: int | None = None, dist: Dist = Dist()):
         self.adapter, self.cfg, self.method = adapter, cfg, get_method(cfg.method)
         self.plan = cfg.plan.resolve([li.name for li in adapter.linears()])
         self.storage_dtype = storage_dtype
-        self.solve = solve_spec(cfg, self.plan, storage_dtype, max_solve_memory)
+        why = single_process_reason(self.method.name) if dist.enabled else None
+        if why:
+            raise ValueError(why)
+        self.solve = solve_spec(cfg, self.plan, storage_dtype, max_solve_memory, dist)
         self.transforms = Transforms()
         if cfg.rotate:
             self.transforms.rotation, self.transforms.value_heads = draw_rotation(adapter, cfg.rotate_seed)

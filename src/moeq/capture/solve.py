@@ -25,8 +25,10 @@ from ..quant.primitives import QuantArgs
 from ..solvers.base import QuantResult
 from ..solvers.batch import Task, add_expert_hessian, assign_fallbacks, is_dead, solve_tasks
 from ..solvers.registry import Solver, SolveOptions
+from ..utils.dist import Dist
 from ..utils.memory import free_bytes, trim_heap
 from .loop import BlockContext
+from .parallel import assign_owners, reduce_hessians, share_hessian_sums, share_results, share_stats
 from .stats import GroupStats, row_weight_fn
 
 
@@ -46,6 +48,7 @@ class SolveSpec:
     true_sequential: bool = True
     batched: bool = True
     max_memory: int | None = None  # bytes for one pass's statistics + one batched solve; None: default_budget()
+    dist: Dist = Dist()  # several ranks: statistics summed, each solves its share (capture.parallel)
 
 
 @dataclass
@@ -63,7 +66,7 @@ def default_budget(device) -> int:
 
 
 def _hessian_bytes(n_in: int) -> int:
-    return 4 * n_in * n_in
+    return 8 * n_in * n_in  # the fp64 sum (capture.stats)
 
 
 def _units(ctx: BlockContext, names: list[str]) -> list[list[str]]:
@@ -86,13 +89,15 @@ def _passes(ctx: BlockContext, units: list[list[str]], budget: int) -> list[list
     return out + ([cur] if cur else [])
 
 
-def _tasks(ctx, names, gs: GroupStats | None, spec: SolveSpec, clips, tokens) -> list[Task]:
-    """Planned linears sharing an input (and a grid) become one row-stacked task."""
+def _tasks(ctx, names, gs: GroupStats | None, spec: SolveSpec, clips, tokens, rank_of: dict[str, int]) -> list[Task]:
+    """Planned linears sharing an input (and a grid) become one row-stacked task; only the tasks this rank
+    solves (``rank_of``: owner -> rank)."""
     owners: dict[str, list[str]] = {}
     for rel in names:
         full = f"{ctx.name}.{rel}"
-        if spec.plan.get(full) is not None:
-            owners.setdefault(gs.owner(full) if gs else full, []).append(full)
+        owner = gs.owner(full) if gs else full
+        if spec.plan.get(full) is not None and rank_of[owner] == spec.dist.rank:
+            owners.setdefault(owner, []).append(full)
     infos = {li.name: li for li in ctx.adapter.block_linears(ctx.i)}
     tasks = []
     for owner, members in owners.items():
@@ -130,6 +135,14 @@ def _write_back(ctx, solved: dict[str, tuple[QuantResult, dict]], out: BlockSolv
                           "out_features": res.q.shape[0], "in_features": res.q.shape[1], **row}
 
 
+def _mark(solved: dict, spec: SolveSpec) -> dict:
+    """Report rows say which rank solved each linear (several ranks only)."""
+    if spec.dist.enabled:
+        for _, row in solved.values():
+            row["rank"] = spec.dist.rank
+    return solved
+
+
 @torch.no_grad()
 def solve_block(ctx: BlockContext, spec: SolveSpec, clips: dict | None = None,
                 tokens: dict | None = None) -> BlockSolved:
@@ -159,22 +172,28 @@ def solve_block(ctx: BlockContext, spec: SolveSpec, clips: dict | None = None,
                                     stop_when_complete=not routed)
                     with gs:
                         ctx.forward(before_batch=gs.new_forward)
+                share_stats(gs, spec.dist)
                 out.passes += 1
+            rank_of = assign_owners(ctx, part, gs, spec.plan, spec.dist)
+            if gs is not None:
+                reduce_hessians(gs, rank_of, spec.dist)
             ready = []
-            for t in _tasks(ctx, part, gs, spec, clips, tokens):
+            for t in _tasks(ctx, part, gs, spec, clips, tokens, rank_of):
                 if calibrated and is_dead(t, spec.min_tokens):
                     dead.append(t)
                 else:
                     add_expert_hessian(hsum, t)
                     ready.append(t)
-            _write_back(ctx, solve_tasks(ready, spec.solver, spec.opts, ctx.device, spec.batched, budget // 2),
-                        out, spec.storage_dtype)
-            del gs, ready
+            solved = _mark(solve_tasks(ready, spec.solver, spec.opts, ctx.device, spec.batched, budget // 2), spec)
+            _write_back(ctx, share_results(solved, spec.dist), out, spec.storage_dtype)
+            del gs, ready, solved
             trim_heap()
-        if dead:  # too few routed tokens: the documented fallback
+        if spec.dist.sum_(torch.tensor([len(dead)]))[0] > 0:  # too few routed tokens: the documented fallback
+            if spec.fallback == "avg-hessian":
+                hsum = share_hessian_sums(hsum, spec.dist, ctx.device)
             assign_fallbacks(dead, hsum, spec.fallback)
-            _write_back(ctx, solve_tasks(dead, spec.solver, spec.opts, ctx.device, spec.batched, budget // 2),
-                        out, spec.storage_dtype)
+            solved = _mark(solve_tasks(dead, spec.solver, spec.opts, ctx.device, spec.batched, budget // 2), spec)
+            _write_back(ctx, share_results(solved, spec.dist), out, spec.storage_dtype)
     return out
 
 

@@ -1,7 +1,10 @@
 """Statistics the block loop accumulates for the linears of one true-sequential group.
 
-``HessianStats`` holds sum_i c_i x_i x_i^T in fp32 (c_i = 1 unless affinity weighting is on) and the
-token counts; hooks on every linear of the group feed it. Linears that receive the *same* input
+``HessianStats`` holds sum_i c_i x_i x_i^T (c_i = 1 unless affinity weighting is on) and the token
+counts; hooks on every linear of the group feed it. Each batch's product is taken in fp32 and added to an
+fp64 sum: fp64 holds such sums of fp32 terms exactly (unless one entry's terms span more than ~2^29), so
+the sum does not depend on the order of the batches, and a run whose batches are split over several
+ranks (summed across them in fp64) gets the Hessians of the single-process run, bit for bit. Linears that receive the *same* input
 tensor (q/k/v, an expert's gate/up) share one accumulator: the first forward records the aliasing
 and later forwards skip the duplicates, so each input is multiplied out once.
 
@@ -52,10 +55,11 @@ def c2_weight_fn(routing: RoutingObserver):
 
 
 class HessianStats:
-    """Running sum of (weighted) x x^T over calibration rows for one linear input."""
+    """Running sum of (weighted) x x^T over calibration rows for one linear input (fp64, see the module
+    docstring); its mean is fp32."""
 
     def __init__(self, n_in: int, device):
-        self.H = torch.zeros(n_in, n_in, dtype=torch.float32, device=device)  # (in, in)
+        self.H = torch.zeros(n_in, n_in, dtype=torch.float64, device=device)  # (in, in)
         self.rows = 0  # rows accumulated (all rows when coverage is "all")
         self.routed = 0  # of which routed to this module (== rows outside experts)
         self._divided = False
@@ -64,18 +68,18 @@ class HessianStats:
         x = x.reshape(-1, x.shape[-1]).float()  # (r, in)
         if weight is not None:
             x = x * weight.float().clamp_min(0).sqrt()[:, None]  # rows scaled by sqrt(c)
-        self.H.addmm_(x.T, x)  # one matmul over all rows: no loop over tokens
+        self.H.add_(x.T @ x)  # one fp32 matmul over all rows (no loop over tokens), added in fp64
         self.rows += x.shape[0]
         self.routed += x.shape[0] if routed is None else int(routed)
 
     def mean(self) -> torch.Tensor:
-        """H / rows: the mean of c x x^T per calibration row (in, in)."""
-        return self.H / max(1, self.rows)
+        """H / rows: the mean of c x x^T per calibration row (in, in) fp32."""
+        return self.H.float() / max(1, self.rows)
 
     def take_mean(self) -> torch.Tensor:
-        """The mean, computed in place (no second (in, in) copy); the sum is gone afterwards."""
+        """The mean; the fp64 sum is released (replaced by the fp32 mean) afterwards."""
         if not self._divided:
-            self.H.div_(max(1, self.rows))
+            self.H = self.H.float().div_(max(1, self.rows))
             self._divided = True
         return self.H
 

@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from ..calib.sources import load_text
+from ..utils.dist import Dist
 from ..utils.progress import progress
 
 
@@ -93,15 +94,19 @@ def window_nll(model, ids: torch.Tensor) -> torch.Tensor:
     return nll.view(ids.shape[0], -1).sum(-1).cpu()  # (b,)
 
 
-def perplexity(model, windows: Windows, batch_size: int | None = None, desc: str = "") -> dict:
-    """Perplexity and bits per byte of ``model`` over ``windows``."""
+def perplexity(model, windows: Windows, batch_size: int | None = None, desc: str = "", dist: Dist = Dist()) -> dict:
+    """Perplexity and bits per byte of ``model`` over ``windows``. With several ranks each scores every
+    world-th batch and the per-batch sums are added in batch order: the single-process figure."""
     n, T = windows.ids.shape
     if batch_size is None:  # keep logits (b, T, V) around 512 MiB
         vocab = int(getattr(model.config, "vocab_size", 32000))
         batch_size = max(1, min(16, (512 << 20) // (T * vocab * 4)))
+    starts = list(range(0, n, batch_size))
+    sums = {k: window_nll(model, windows.ids[starts[k]: starts[k] + batch_size]).double().sum()
+            for k in progress(dist.mine(len(starts)), desc=desc or f"ppl {windows.name}", unit="batch")}
     total = torch.zeros((), dtype=torch.float64)
-    for s in progress(range(0, n, batch_size), desc=desc or f"ppl {windows.name}", unit="batch"):
-        total += window_nll(model, windows.ids[s: s + batch_size]).double().sum()
+    for k, v in sorted(kv for part in dist.gather(sums) for kv in part.items()):
+        total += v
     tokens = n * (T - 1)
     nbytes = int(windows.nbytes.sum())
     return {
@@ -131,7 +136,7 @@ def default_seqlen(model_or_config, requested: int | None = None, flag: str = "-
 
 
 def evaluate_ppl(model, tokenizer, datasets=("wikitext2",), seqlen: int | None = None, data_dir=None,
-                 windows_cache: dict | None = None, label: str = "", limit: int | None = None) -> dict:
+                 windows_cache: dict | None = None, label: str = "", limit: int | None = None, dist: Dist = Dist()) -> dict:
     """{name: {"ppl", "bpb", ...}} for each dataset; ``windows_cache`` lets FP and quantized runs share windows.
     ``limit`` keeps only the first N windows (quick checks; the papers' numbers use all of them)."""
     seqlen = default_seqlen(model, seqlen)
@@ -148,5 +153,5 @@ def evaluate_ppl(model, tokenizer, datasets=("wikitext2",), seqlen: int | None =
                 windows_cache[key] = w
         if limit is not None:
             w = Windows(w.ids[:limit], w.nbytes[:limit], w.name, w.origin)
-        out[name] = perplexity(model, w, desc=f"{label} ppl {name}".strip())
+        out[name] = perplexity(model, w, desc=f"{label} ppl {name}".strip(), dist=dist)
     return out

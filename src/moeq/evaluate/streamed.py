@@ -18,16 +18,22 @@ import torch.nn.functional as F
 
 from ..capture.activations import Activations
 from ..capture.loop import run_blocks
+from ..utils.dist import Dist
 from .perplexity import WINDOWS, Windows
 
 
 @torch.no_grad()
 def streamed_window_nll(source, ids: torch.Tensor, batch_size: int, placement: str = "auto",
-                        folder: Path | None = None, desc: str = "ppl") -> torch.Tensor:
-    """Summed NLL (nats) of tokens 1..T-1 of each window (n, T) -> (n,), block by block."""
+                        folder: Path | None = None, desc: str = "ppl", dist: Dist = Dist()) -> torch.Tensor:
+    """Summed NLL (nats) of tokens 1..T-1 of each window (n, T) -> (n,), block by block (with several
+    ranks each runs every world-th batch; every rank gets all windows' NLL)."""
+    batches = list(ids.split(batch_size))
+    mine = dist.mine(len(batches))
+    if not mine:  # more ranks than batches: this rank only takes part in the gather
+        return _merged(dist.gather({}))
     source.load_embeddings()
     try:
-        acts = Activations.capture(source.adapter.model, source.adapter.blocks[0], list(ids.split(batch_size)),
+        acts = Activations.capture(source.adapter.model, source.adapter.blocks[0], [batches[k] for k in mine],
                                    source.device, placement, folder, what="evaluation")
     finally:
         source.release_embeddings()
@@ -35,7 +41,7 @@ def streamed_window_nll(source, ids: torch.Tensor, batch_size: int, placement: s
     norm, head = source.load_head()
     out = []
     try:
-        for (h, _), win in zip(acts, ids.split(batch_size)):
+        for (h, _), win in zip(acts, [batches[k] for k in mine]):
             logits = head(norm(h.to(source.device))).float()  # (b, T, V)
             nll = F.cross_entropy(logits[:, :-1].flatten(0, 1), win[:, 1:].flatten().to(logits.device),
                                   reduction="none")
@@ -44,12 +50,18 @@ def streamed_window_nll(source, ids: torch.Tensor, batch_size: int, placement: s
         source.release_head()
         if folder is not None:  # a folder of its own, for these activations only
             shutil.rmtree(folder, ignore_errors=True)
-    return torch.cat(out)
+    return _merged(dist.gather(dict(zip(mine, out))))
+
+
+def _merged(parts: list[dict]) -> torch.Tensor:
+    """Every rank's {batch index: NLL (b,)} -> NLL of all windows in batch order (n,)."""
+    got = {k: v for part in parts for k, v in part.items()}
+    return torch.cat([got[k] for k in sorted(got)])
 
 
 def streamed_ppl(source, tokenizer, datasets, seqlen: int, data_dir=None, windows_cache: dict | None = None,
                  limit: int | None = None, label: str = "", placement: str = "auto",
-                 folder: Path | None = None) -> dict:
+                 folder: Path | None = None, dist: Dist = Dist()) -> dict:
     """{name: {"ppl", "bpb", ...}} like :func:`moeq.evaluate.perplexity.evaluate_ppl`, streamed."""
     out = {}
     vocab = int(getattr(source.adapter.config, "vocab_size", 32000))
@@ -64,7 +76,7 @@ def streamed_ppl(source, tokenizer, datasets, seqlen: int, data_dir=None, window
         if limit is not None:
             w = Windows(w.ids[:limit], w.nbytes[:limit], w.name, w.origin)
         total = float(streamed_window_nll(source, w.ids, batch_size, placement, folder,
-                                          f"{label} {name}".strip()).double().sum())
+                                          f"{label} {name}".strip(), dist).double().sum())
         n, T = w.ids.shape
         tokens, nbytes = n * (T - 1), int(w.nbytes.sum())
         out[name] = {"ppl": math.exp(total / tokens), "bpb": total / math.log(2) / nbytes, "nll": total / tokens,

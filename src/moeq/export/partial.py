@@ -142,8 +142,8 @@ class PartialRun:
         """Drop the run state and rename the folder to OUT (replacing an old OUT only now)."""
         for p in ("state.json", ".lock"):
             (self.dir / p).unlink(missing_ok=True)
-        for d in ("acts",):
-            shutil.rmtree(self.dir / d, ignore_errors=True)
+        for d in [self.dir / "acts", *self.dir.glob("acts-rank*")]:  # a distributed run's other ranks' too
+            shutil.rmtree(d, ignore_errors=True)
         (self.dir / "calib.safetensors").unlink(missing_ok=True)
         old = None
         if self.out.exists():

@@ -94,13 +94,17 @@ def _alive(pid: int) -> bool:
 
 
 def remove_stale_siblings(final: Path) -> None:
-    """Remove the ``.NAME.tmp-PID`` / ``.NAME.old-PID`` siblings that runs killed before their rename left
-    behind (their process is gone); a live process's sibling is left alone."""
+    """Remove the ``.NAME.tmp-PID`` / ``.NAME.old-PID`` (and ``.NAME.tmp-HOST-PID``, a distributed rank's)
+    siblings that runs killed before they finished left behind: their process, on this host, is gone. A live
+    process's sibling, or another host's, is left alone."""
+    import socket
+
     from .progress import log
 
     for stale in final.parent.glob(f".{final.name}.*-*"):
-        kind, _, pid = stale.name[len(final.name) + 2:].rpartition("-")
-        if kind in ("tmp", "old") and pid.isdigit() and not _alive(int(pid)):
+        kind, _, rest = stale.name[len(final.name) + 2:].partition("-")
+        host, _, pid = rest.rpartition("-")
+        if kind in ("tmp", "old") and pid.isdigit() and host in ("", socket.gethostname()) and not _alive(int(pid)):
             log.warning("removing %s, left by an earlier run that was killed before it finished", stale)
             shutil.rmtree(stale, ignore_errors=True) if stale.is_dir() else stale.unlink(missing_ok=True)
 
