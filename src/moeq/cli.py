@@ -212,7 +212,7 @@ def cmd_eval(a) -> int:
     from .evaluate.report import format_tasks
     from .models.loading import load_model
     from .preflight import output_file
-    from .utils.device import fits_on_device, resolve_device
+    from .utils.device import resolve_device
     from .utils.fs import write_atomic
 
     if a.json is not None:
@@ -228,9 +228,7 @@ def cmd_eval(a) -> int:
     streamed = _streamed_eval(a, device, info)
     if streamed is not None:
         return streamed
-    loaded = load_model(a.model, device=device, trust_remote_code=a.trust_remote_code, allow_pickle=a.allow_pickle)
-    if fits_on_device(loaded.model, device):
-        loaded.model.to(device)
+    loaded = _load(a, device)
     res = evaluate_ppl(loaded.model, loaded.tokenizer, _ppl_sets(a), a.eval_seqlen, a.data_dir,
                        limit=a.ppl_limit, dist=a.dist)
     if not a.dist.main:

@@ -99,7 +99,7 @@ def resumed_transforms(partial: PartialRun, run: MethodRun, start: int) -> None:
 
 
 def embeddings_and_inputs(source, run: MethodRun, calib, cfg, writer, options, partial, device, resident,
-                          dist: Dist = Dist(), scratch=None):
+                          dist: Dist = Dist(), rank_dir=None):
     """Load the embeddings, let the method transform them, write them, capture block 0's inputs (this rank's
     share of the calibration batches), free them."""
     emb = source.load_embeddings()
@@ -117,9 +117,9 @@ def embeddings_and_inputs(source, run: MethodRun, calib, cfg, writer, options, p
             raise ValueError(f"{calib.ids.shape[0]} calibration sequences in batches of {cfg.batch_size} make "
                              f"{len(batches)} batches, fewer than the {dist.world} ranks: raise --nsamples or lower "
                              "--batch-size")
-        folder = partial.acts_dir if partial else scratch
+        folder = partial.acts_dir if partial else rank_dir  # another rank's share: its own folder
         return Activations.capture(source.model, source.adapter.blocks[0], [batches[k] for k in dist.mine(len(batches))],
-                                   device, placement(options, partial or scratch), folder)
+                                   device, placement(options, partial or rank_dir), folder)
     finally:
         source.release_embeddings(keep=resident)
 

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..config import QuantConfig
-from ..methods import get_method, single_process_reason
+from ..methods import get_method
 from ..models.adapter import ModelAdapter
 from ..quant.act import attach_act_quant
 from ..solvers.registry import SolveOptions, get_solver
@@ -74,9 +74,6 @@ class MethodRun:
         self.adapter, self.cfg, self.method = adapter, cfg, get_method(cfg.method)
         self.plan = cfg.plan.resolve([li.name for li in adapter.linears()])
         self.storage_dtype = storage_dtype
-        why = single_process_reason(self.method.name) if dist.enabled else None
-        if why:
-            raise ValueError(why)
         self.solve = solve_spec(cfg, self.plan, storage_dtype, max_solve_memory, dist)
         self.transforms = Transforms()
         if cfg.rotate:
