@@ -20,6 +20,7 @@ from moeq.allocate.scores import outlier_score
 from moeq.allocate.search import allocate, search
 from moeq.cli import main
 from moeq.config import BitPlan, CalibSpec, QuantConfig
+from moeq.export.containers import storage_schemes
 from moeq.models.adapter import ModelAdapter
 from moeq.pipeline import quantize
 from moeq.quant.primitives import QuantArgs, fake_quantize
@@ -174,7 +175,7 @@ def test_avg_bits_formula(prof):
 def test_rules_compose(prof):
     p = replace(prof, usage={0: [5, 90, 1, 1, 1, 1, 1, 1], 1: [1, 1, 1, 1, 1, 1, 1, 70]})
     rules = PlanRules(bits=2, attn_bits=4, shared_bits=8, group_size=32, freq_top=Selection(1, 4),
-                      first_k=Selection(1, 3))
+                      first_k=Selection(1, 3), serving_compatible=False)
     bits = rule_bits(p, rules)
     for r in p.modules:
         want = {"attn": 4, "shared": 8}.get(r.role)
@@ -184,12 +185,13 @@ def test_rules_compose(prof):
         assert bits[r.name] == want, r.name
     # outlier rule: exactly the top 25% of expert linears by score are raised
     experts = [r.name for r in p.modules if r.role == "expert"]
-    bits = rule_bits(p, PlanRules(bits=2, group_size=32, outlier_top=Selection(25, 4)))
+    bits = rule_bits(p, PlanRules(bits=2, group_size=32, outlier_top=Selection(25, 4), serving_compatible=False))
     raised = {n for n in experts if bits[n] == 4}
     assert len(raised) == round(0.25 * len(experts))
     assert min(p.outlier[n] for n in raised) >= max(p.outlier[n] for n in experts if n not in raised)
     # alpha mix keeps the frequency rule's count of raised expert linears
-    mixed = rule_bits(p, PlanRules(bits=2, group_size=32, freq_top=Selection(2, 4), alpha=0.5))
+    mixed = rule_bits(p, PlanRules(bits=2, group_size=32, freq_top=Selection(2, 4), alpha=0.5,
+                                   serving_compatible=False))
     assert sum(mixed[n] == 4 for n in experts) == 2 * 2 * 3
     with pytest.raises(ValueError, match="whole number <= 8"):
         rule_bits(p, PlanRules(group_size=32, freq_top=Selection(9, 4)))
@@ -197,7 +199,7 @@ def test_rules_compose(prof):
 
 def test_random_baselines_reproducible_by_seed(prof):
     def raised(seed, **kw):
-        bits = rule_bits(prof, PlanRules(bits=2, group_size=32, random_seed=seed, **kw))
+        bits = rule_bits(prof, PlanRules(bits=2, group_size=32, random_seed=seed, serving_compatible=False, **kw))
         return frozenset(n for n, b in bits.items() if b == 4)
 
     for kw in ({"freq_top": Selection(2, 4)}, {"outlier_top": Selection(25, 4)}, {"first_k": Selection(1, 4)}):
@@ -220,14 +222,14 @@ def test_budget_respected_exactly_and_search_is_pure(prof):
                 assert res.avg_bits == pytest.approx(plan_stats(res.plan, prof.modules)["avg_bits"])
                 if serving:
                     assert not serving_violations(res.plan, prof.modules)
-        exact = search(prof, budget)
-        assert exact.exact and exact.predicted <= search(prof, budget, "greedy").predicted + 1e-9
+        exact = search(prof, budget, serving_compatible=False)
+        assert exact.exact and exact.predicted <= search(prof, budget, "greedy", False).predicted + 1e-9
         assert last is None or exact.predicted <= last + 1e-9  # more bits never predict more error
         last = exact.predicted
     # the knapsack plan is optimal, so no single linear can take a wider candidate within the budget it
     # left unused and lower the predicted error (fails for a search that wastes budget or picks badly)
-    assert search(prof, 2.77).exact
-    plan = allocate(prof, 2.77)
+    assert search(prof, 2.77, serving_compatible=False).exact
+    plan = allocate(prof, 2.77, serving_compatible=False)
     bits = {r.name: plan.args_for(r.name).num_bits for r in prof.modules}
     left = Fraction("2.77") * P - sum(bits[r.name] * r.params for r in prof.modules)
     assert left >= 0
@@ -236,7 +238,7 @@ def test_budget_respected_exactly_and_search_is_pure(prof):
         for w in prof.candidates:
             if w > bits[r.name] and (w - bits[r.name]) * r.params <= left:
                 assert sens[r.name][w] >= sens[r.name][bits[r.name]] - 1e-12, (r.name, w)
-    assert search(prof, 2.77).predicted == pytest.approx(sum(sens[n][b] for n, b in bits.items()))
+    assert search(prof, 2.77, serving_compatible=False).predicted == pytest.approx(sum(sens[n][b] for n, b in bits.items()))
     assert prof.to_dict() == before
     with pytest.raises(ValueError, match="below the lowest candidate"):
         allocate(prof, 1.9)
@@ -253,14 +255,14 @@ def test_knapsack_is_optimal_against_brute_force():
         best = min(sum(sens[r.name][b] for r, b in zip(mods, combo))
                    for combo in itertools.product((2, 3, 4, 8), repeat=5)
                    if sum(b * r.params for r, b in zip(mods, combo)) <= budget * P)
-        assert search(p, budget).predicted == pytest.approx(best)
+        assert search(p, budget, serving_compatible=False).predicted == pytest.approx(best)
 
 
 def test_serving_compatible_constraint(prof):
     rules = dict(bits=2, attn_bits=4, group_size=32, freq_top=Selection(2, 4), outlier_top=Selection(10, 8))
-    loose = build_plan(prof, PlanRules(**rules))
+    loose = build_plan(prof, PlanRules(**rules, serving_compatible=False))
     assert any(v.startswith("0.experts") for v in serving_violations(loose, prof.modules))
-    tight = build_plan(prof, PlanRules(**rules, serving_compatible=True))
+    tight = build_plan(prof, PlanRules(**rules))  # the default
     assert not serving_violations(tight, prof.modules)
     units = serving_units(prof.modules)
     assert len(units["0.experts"]) == 8 * 3 and len(units["0.attn.0"]) == 3  # q, k, v fused
@@ -311,7 +313,8 @@ def test_mixed_plan_export_reloads_like_uniform(arch, method, tiny_ckpt, tmp_pat
     assert rep["avg_bits"] == pytest.approx(plan_stats(plan, mods)["avg_bits"])
     assert rep["quant_label"].startswith("mixed(")
     qc = json.loads((tmp_path / "o" / "config.json").read_text())["quantization_config"]
-    assert len(qc["config_groups"]) == len({a for a in overrides.values() if a is not None})
+    stored = storage_schemes(mods, plan.resolve([r.name for r in mods]), fused_experts=True)
+    assert len(qc["config_groups"]) == len(set(stored.values()))  # q/k/v (fused) stored with one scheme each
     assert plan_stats(plan, mods)["expert_schemes"] == 1
     # per-expert mixes still quantize (fake-quant evaluation) but are flagged for export and serving
     overrides[next(r.name for r in mods if r.role == "expert")] = QuantArgs(8, 32)
@@ -341,7 +344,7 @@ def test_cli_profile_plan_quantize(tiny_ckpt, tmp_path, capsys):
     summary = __import__("yaml").safe_load((tmp_path / "p.yaml").read_text())["summary"]
     assert summary["avg_bits"] <= 2.6
     code, out, err = run(capsys, "plan", "--profile", tmp_path / "prof", "--out", tmp_path / "r.json",
-                         "--attn-bits", "4", "--freq-top", "2@4")  # group size 32 comes from the profile
+                         "--attn-bits", "4", "--freq-top", "2@4", "--mix-units")  # group size 32: the profile's
     assert code == 0 and "WARNING" in out and "serving units mix schemes" in out
     assert load_plan(tmp_path / "r.json").default == QuantArgs(2, 32)
     code, out, err = run(capsys, "quantize", d, "--plan", tmp_path / "p.yaml", "--out", tmp_path / "q",
@@ -362,3 +365,18 @@ def test_cli_profile_plan_quantize(tiny_ckpt, tmp_path, capsys):
     code, _, err = run(capsys, "quantize", tiny_ckpt("mixtral"), "--plan", tmp_path / "wrong.yaml", "--out",
                        tmp_path / "q2", "--method", "rtn", "--skip-eval")
     assert code == 2 and "does not have" in err
+
+
+def test_engine_plans_only_use_widths_the_engine_loads(prof):
+    from moeq.export.engines import ENGINES
+
+    bits = rule_bits(prof, PlanRules(bits=3, attn_bits=2, group_size=32, engine="sglang"))
+    assert {bits[r.name] for r in prof.modules} == {4}  # SGLang loads 4/8-bit only: 2 and 3 are raised
+    assert rule_bits(prof, PlanRules(bits=2, attn_bits=3, group_size=32, engine="vllm"))[prof.modules[0].name] == 4
+    res = search(prof, 5.0, engine="sglang")
+    assert set(res.bits.values()) <= set(ENGINES["sglang"].moe_bits) and res.avg_bits <= 5.0
+    assert not serving_violations(res.plan, prof.modules)
+    with pytest.raises(ValueError, match="raise it|no plan fits"):
+        search(prof, 3.0, engine="sglang")  # below the narrowest width SGLang loads
+    with pytest.raises(ValueError, match="asymmetric"):
+        PlanRules(bits=4, symmetric=False, engine="sglang")

@@ -1,4 +1,4 @@
-"""``moeq`` command line: quantize, eval, calib, bench, profile, plan, models, methods. The only module that
+"""``moeq`` command line: quantize, eval, calib, bench, profile, plan, check-serving, export, models, methods. The only module that
 reads argv.
 
 Every subcommand turns its flags into typed configs and calls the library. Numbers are checked as they
@@ -57,6 +57,13 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--fidelity", action="store_true",
                    help="also measure routing fidelity and KL(FP||quantized) on WikiText-2 (keeps an FP copy)")
     q.add_argument("--skip-eval", action="store_true", help="skip the perplexity and task evaluation")
+    from .export.formats import parse_formats
+
+    q.add_argument("--format", dest="formats", type=parse_formats, default=("compressed-tensors",),
+                   help="what --out holds, comma-separated: compressed-tensors (transformers, vLLM, SGLang) and/or "
+                        "gguf (llama.cpp: model.gguf from the same integers) (default compressed-tensors)")
+    q.add_argument("--gguf-pre", default=None, help="llama.cpp pre-tokenizer name for --format gguf when moeq "
+                                                    "cannot tell it (e.g. qwen2); GPT-2-style tokenizers need none")
     add_run_flags(q)
     add_common(q)
 
@@ -120,6 +127,9 @@ def build_parser() -> argparse.ArgumentParser:
     from .allocate.commands import add_parsers as add_allocate_parsers
 
     add_allocate_parsers(sub, add_common)  # moeq profile, moeq plan
+    from .export.commands import add_parsers as add_export_parsers
+
+    add_export_parsers(sub, add_common)  # moeq check-serving
 
     m = sub.add_parser("models", help="list the bundled models")
     m.add_argument("--json", action="store_true", help="as JSON")
@@ -165,7 +175,7 @@ def cmd_quantize(a) -> int:
     kill = kill if not on_rank or int(on_rank) == a.dist.rank else ""
     options = RunOptions(max_memory=a.max_memory, offload_activations=a.offload_activations,
                          max_solve_memory=a.max_solve_memory, max_shard_size=a.max_shard_size, resume=a.resume,
-                         fp_cache=a.fp_cache, dist=a.dist,
+                         fp_cache=a.fp_cache, dist=a.dist, formats=a.formats, gguf_pre=a.gguf_pre,
                          kill_after_block=int(kill) if kill else None,
                          kill_signal={"INT": signal.SIGINT, "TERM": signal.SIGTERM}.get(sig, signal.SIGKILL))
     rep = quantize(a.model, cfg, a.out, device=a.device, evals=evals, skip_eval=a.skip_eval, overwrite=a.overwrite,
@@ -185,9 +195,13 @@ def cmd_quantize(a) -> int:
               "see report.json 'fallbacks'")
     for note in rep["notes"]:
         print(f"note: {note}")
-    if "size" in rep:
+    if "size" in rep and "compressed-tensors" in a.formats:
         s = rep["size"]
         print(f"checkpoint {s['checkpoint_bytes'] / 2**20:.1f} MiB (bf16: {s['bf16_bytes'] / 2**20:.1f} MiB) -> {a.out}")
+    if "gguf" in rep:
+        g = rep["gguf"]
+        print(f"GGUF {g['bytes'] / 2**20:.1f} MiB ({', '.join(f'{n} {t}' for t, n in sorted(g['types'].items()))}) "
+              f"-> {Path(a.out) / 'model.gguf'}")
     return 0
 
 
@@ -401,6 +415,14 @@ def _allocate_cmd(name: str):
     return run
 
 
+def _export_cmd(name: str):
+    def run(a) -> int:
+        from .export import commands
+
+        return getattr(commands, name)(a)
+    return run
+
+
 def cmd_methods(a) -> int:
     from .methods import METHODS, single_process_reason
 
@@ -433,7 +455,8 @@ def _terminate(signum, frame):
 
 COMMANDS = {"quantize": cmd_quantize, "eval": cmd_eval, "calib": cmd_calib, "bench": cmd_bench,
             "models": cmd_models, "methods": cmd_methods, "plan": _allocate_cmd("cmd_plan"),
-            "profile": _allocate_cmd("cmd_profile")}
+            "profile": _allocate_cmd("cmd_profile"), "check-serving": _export_cmd("cmd_check_serving"),
+            "export": _export_cmd("cmd_export")}
 
 
 def _one_line(text: str) -> str:

@@ -97,6 +97,12 @@ class BitPlan:
         """{module name: QuantArgs or None (full precision)} for every name, resolved once per run."""
         return {n: self.args_for(n) for n in names}
 
+    def mapped(self, fn) -> "BitPlan":
+        """The same plan with every scheme a replaced by fn(a) (None stays None)."""
+        f = lambda a: None if a is None else fn(a)  # noqa: E731
+        return BitPlan(default=f(self.default), rules=[(p, f(a)) for p, a in self.rules],
+                       overrides={n: f(a) for n, a in self.overrides.items()})
+
     def label(self) -> str:
         """The default grid's label (w4g128), or mixed(w2g128/w4g128/fp) when rules or overrides differ."""
         schemes = {self.default} | {a for _, a in self.rules} | set(self.overrides.values())

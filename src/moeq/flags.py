@@ -149,6 +149,10 @@ def add_quant_flags(p: argparse.ArgumentParser, method: str = "gptq", group_size
     sym = p.add_mutually_exclusive_group()
     sym.add_argument("--sym", dest="sym", action="store_true", default=True, help="symmetric grid (default)")
     sym.add_argument("--asym", dest="sym", action="store_false", help="asymmetric grid with zero points")
+    p.add_argument("--kquant-scales", action="store_true",
+                   help="llama.cpp's K-quant scale grid (with --group-size 16, --bits 3 -> Q3_K, 4-6 -> Q6_K): "
+                        "each 256-column super-block's scales are a power of two times a small integer, so "
+                        "--format gguf stores the grid exactly in 3.4 / 6.6 bits per weight")
     p.add_argument("--calib", default=None,
                    help="wikitext2, c4, gsm8k, humaneval, ebss (self-generated, cached), any text file (.jsonl/.json "
                         "'text' field, .parquet, plain text) or a .jsonl of input_ids rows (default: the method's)")
@@ -202,7 +206,7 @@ def add_quant_flags(p: argparse.ArgumentParser, method: str = "gptq", group_size
 
 def quant_config(a, plan: BitPlan | None = None) -> QuantConfig:
     """The QuantConfig the quantization flags describe (``plan``: default uniform at --bits/--group-size)."""
-    plan = plan or BitPlan(default=QuantArgs(a.bits, a.group_size, a.sym))
+    plan = plan or BitPlan(default=QuantArgs(a.bits, a.group_size, a.sym, getattr(a, "kquant_scales", False)))
     return QuantConfig(
         method=a.method, plan=plan,
         calib=CalibSpec(a.calib, a.nsamples, a.seqlen, a.seed, a.ebss_width, a.ebss_tau, a.ebss_no_repeat_ngram),

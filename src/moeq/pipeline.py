@@ -17,7 +17,7 @@ import contextlib
 import copy
 import signal
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
@@ -32,13 +32,14 @@ from .config import QuantConfig
 from .evaluate.perplexity import default_seqlen, evaluate_ppl
 from .evaluate.report import build_report, dumps
 from .export.compressed_tensors import bf16_size_bytes, write_config
+from .export.containers import run_storage, stored_bits, widened_count
+from .export.formats import check_formats, drop_compressed_tensors, finish_formats, ggml_grid
 from .export.partial import PartialRun, model_fingerprint
 from .export.writer import PartWriter
 from .methods import needs_calibration, resolve_config
 from .models.adapter import ModelAdapter
 from .models.lazy import CheckpointSource, ResidentSource, module_bytes
 from .models.loading import Loaded, compute_dtype, load_tokenizer, open_checkpoint
-from .quant.primitives import QuantArgs
 from .utils.device import fits_on_device, peak_memory_mb, resolve_device
 from .utils.dist import Dist
 from .preflight import check_apart
@@ -62,6 +63,8 @@ class RunOptions:
     kill_after_block: int | None = None  # test hook: send this process ``kill_signal`` once block N is checkpointed
     kill_signal: int = signal.SIGKILL
     dist: Dist = Dist()  # several ranks (torchrun): data-parallel calibration, expert-parallel solves
+    formats: tuple[str, ...] = ("compressed-tensors",)  # what --out holds: compressed-tensors and/or gguf
+    gguf_pre: str | None = None  # llama.cpp pre-tokenizer name when moeq cannot tell it
 
 
 @dataclass(frozen=True)
@@ -139,6 +142,8 @@ def quantize(model: str | None, cfg: QuantConfig, out: str | Path | None, *, dev
                                    "the calibration file": cfg.calib.source})
     out_path = check_output(out, overwrite and not options.resume, "report.json") if out is not None else None
     cfg, method_notes = resolve_config(cfg, is_moe=info.spec.moe is not None)
+    if out_path is not None and "gguf" in options.formats:
+        cfg = replace(cfg, plan=cfg.plan.mapped(ggml_grid))
     dtype = compute_dtype(device, info.storage_dtype)
     t = time.perf_counter()
     source = CheckpointSource(info.path, info.config, dtype, info.storage_dtype, device, trust_remote_code)
@@ -150,6 +155,11 @@ def quantize(model: str | None, cfg: QuantConfig, out: str | Path | None, *, dev
     elif source.reader.fp8_block:
         method_notes.append("block-FP8 source: weights dequantized block by block as they were read")
     check_plan(adapter, cfg)
+    storage = None
+    if out_path is not None and export_blocker(cfg) is None:  # how each unit is stored; refused before any work
+        check_formats(options.formats, info, options.gguf_pre)
+        storage, records = run_storage(adapter, cfg.plan.resolve([li.name for li in adapter.linears()]),
+                                       transformers_units="compressed-tensors" in options.formats)
     tokenizer = load_tokenizer(info.path, trust_remote_code)
     secs["load"] += time.perf_counter() - t
     wanted = not skip_eval or return_model or cfg.act is not None
@@ -231,11 +241,12 @@ def quantize(model: str | None, cfg: QuantConfig, out: str | Path | None, *, dev
             acts = embeddings_and_inputs(source, run, calib, cfg, writer, options, partial, device, resident, dist,
                                          rank_dir)
         quantize_blocks(loop_source, run, acts, loop, keep=resident, start=start, writer=writer, partial=partial,
-                        options=options, keep_results=writer is None and rank_dir is None, rank_dir=rank_dir)
+                        options=options, keep_results=writer is None and rank_dir is None, rank_dir=rank_dir,
+                        storage=storage)
         head(source, run, writer, resident)
-        if resident and not run.hooks:
-            adapter.refuse()  # the model's own (fused) forward for evaluation
         run.attach_act_quant(list(loop.rows) if resident else [])
+        if resident and not run.hooks:  # W*A* hooks sit on per-expert linears: keep that view
+            adapter.refuse()  # the model's own (fused) forward for evaluation
         secs["quantize"] = time.perf_counter() - t
 
         rows = sorted(loop.rows.values(), key=lambda r: _natural(r["name"]))
@@ -255,10 +266,12 @@ def quantize(model: str | None, cfg: QuantConfig, out: str | Path | None, *, dev
                 run.transforms.save(partial.dir / "transforms.safetensors")  # re-appliable search results
             if blocker is None:
                 files = writer.finish(["embed"] + [f"block-{i:05d}" for i in range(adapter.num_blocks)] + ["head"])
-                schemes = {r["name"]: QuantArgs(r["bits"], r["group_size"], r["symmetric"]) for r in rows}
-                write_config(partial.dir, adapter, schemes, info.storage_dtype, cfg.act, tokenizer, info.path)
+                write_config(partial.dir, adapter, storage, info.storage_dtype, cfg.act, tokenizer, info.path)
                 report["size"] = {"checkpoint_bytes": files["bytes"], "bf16_bytes": bf16_size_bytes(adapter),
-                                  "files": files["files"]}
+                                  "files": files["files"], "stored_avg_bits": round(stored_bits(records, storage), 4)}
+                report.update(finish_formats(partial.dir, options.formats, str(out), report["notes"],
+                                             widened_count(run.plan, storage), report["size"]["stored_avg_bits"],
+                                             options.gguf_pre, trust_remote_code))
             else:
                 writer.finish([])
             secs["export"] = time.perf_counter() - t
@@ -287,6 +300,8 @@ def quantize(model: str | None, cfg: QuantConfig, out: str | Path | None, *, dev
         if dist.enabled:
             report["distributed"] = _ranks_summary(dist, device, rows)
         if partial is not None:
+            if "compressed-tensors" not in options.formats and blocker is None:
+                drop_compressed_tensors(partial.dir)  # it served the evaluation and the GGUF conversion
             (partial.dir / "report.json").write_text(dumps(report))
             partial.finish()
             log.info("wrote %s", out)

@@ -36,9 +36,11 @@ def placement(options, partial) -> str:
 
 
 def quantize_blocks(source, run: MethodRun, acts, loop: LoopResult, *, keep: bool, start: int = 0, writer=None,
-                    partial: PartialRun | None = None, options=None, keep_results: bool = False, rank_dir=None):
-    """The one block loop with what quantization does after each block: record, write, checkpoint (rank 0 the
-    run state; another rank of a distributed run its activations, in ``rank_dir``)."""
+                    partial: PartialRun | None = None, options=None, keep_results: bool = False, rank_dir=None,
+                    storage: dict | None = None):
+    """The one block loop with what quantization does after each block: record, write (each linear on its
+    ``storage`` scheme), checkpoint (rank 0 the run state; another rank of a distributed run its activations,
+    in ``rank_dir``)."""
     exportable = export_blocker(run.cfg) is None
 
     def done(i, ctx, outcome, nxt):
@@ -53,7 +55,7 @@ def quantize_blocks(source, run: MethodRun, acts, loop: LoopResult, *, keep: boo
             run.round_block(ctx.block)
         if writer is not None and exportable:
             writer.write(f"block-{i:05d}", part_tensors(ctx.adapter, ctx.block, f"{ctx.name}.", solved.results,
-                                                        run.storage_dtype))
+                                                        run.storage_dtype, storage=storage))
         if partial is not None or rank_dir is not None:
             _checkpoint(partial, rank_dir, run, i, outcome, nxt, loop)
         if options is not None and options.kill_after_block == i:

@@ -74,8 +74,15 @@ def add_parsers(sub, add_common) -> None:
     pl.add_argument("--outlier-top", default=None, metavar="P[@B]", help="top P%% of expert linears by outlier score")
     pl.add_argument("--importance-top", default=None, metavar="K[@B]", help="top-K blocks by the importance predictor")
     pl.add_argument("--random-seed", type=int, default=None, help="random selections of the same counts (baseline)")
-    pl.add_argument("--serving-compatible", action="store_true",
-                    help="one scheme per fused-MoE layer and per fused q/k/v (what vLLM-style kernels can run)")
+    units = pl.add_mutually_exclusive_group()
+    units.add_argument("--serving-compatible", dest="serving_compatible", action="store_true", default=True,
+                       help="one width per fused unit: a layer's experts, fused q/k/v, gate/up (default)")
+    units.add_argument("--mix-units", dest="serving_compatible", action="store_false",
+                       help="let widths differ inside a fused unit (per-expert plans, for in-memory studies): a "
+                            "compressed-tensors export stores each such unit at its widest member's width")
+    pl.add_argument("--engine", choices=("vllm", "sglang", "transformers"), default=None,
+                    help="only widths this serving engine loads (e.g. vllm: experts 2/4/8 bits; sglang: 4/8), one per "
+                         "fused unit; `moeq check-serving` checks the export")
     pl.add_argument("--avg-bits", type=float_range(0), default=None,
                     help="search the least-sensitive plan within this budget, at least the lowest --candidates width")
     pl.add_argument("--search", choices=SEARCHES, default="knapsack", help="budgeted search algorithm")
@@ -101,7 +108,7 @@ def plan_rules(a) -> PlanRules:
            for f in ("freq_top", "first_k", "last_k", "outlier_top", "importance_top")}
     return PlanRules(bits=a.bits, attn_bits=a.attn_bits, shared_bits=a.shared_bits, dense_bits=a.dense_bits,
                      group_size=a.group_size, symmetric=a.sym, alpha=a.alpha, random_seed=a.random_seed,
-                     serving_compatible=a.serving_compatible, **sel)
+                     serving_compatible=a.serving_compatible, engine=a.engine, **sel)
 
 
 def cmd_profile(a) -> int:

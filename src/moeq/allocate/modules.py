@@ -85,17 +85,17 @@ def expert_schemes(plan, records: list[ModuleRecord]) -> set:
 
 
 def plan_warnings(plan, adapter: ModelAdapter) -> list[str]:
-    """What fused serving kernels and transformers' loader cannot do with ``plan`` on this model."""
+    """What a compressed-tensors export of ``plan`` on this model cannot keep: widths mixed inside a unit
+    that loaders read with one scheme are stored at the unit's widest (see :mod:`moeq.export.containers`)."""
     records = inventory(adapter)
     out = []
     v = serving_violations(plan, records)
     if v:
-        out.append(f"the plan mixes schemes inside {len(v)} fused units (e.g. {v[0]}); fused MoE/QKV serving kernels "
-                   "such as vLLM's cannot run it (use `moeq plan --serving-compatible`)")
+        out.append(f"the plan mixes schemes inside {len(v)} fused units (e.g. {v[0]}); loaders and fused serving "
+                   "kernels read one scheme per unit, so a compressed-tensors checkpoint stores each of them at its "
+                   "widest member's scheme (same weights, more bytes); `moeq plan` keeps one width per unit by default")
     n = len(expert_schemes(plan, records))
     if n > 1 and adapter.spec.moe is not None and adapter.spec.moe.layout == "fused":
-        out.append(f"routed experts use {n} schemes, but transformers decompresses all routed experts of a "
-                   "fused-expert model with one scheme, so AutoModelForCausalLM.from_pretrained would load this export "
-                   "incorrectly (moeq's reported perplexity is the in-memory model's); give every routed expert one "
-                   "scheme to export for transformers")
+        out.append(f"routed experts use {n} schemes, but transformers reads all routed experts of a fused-expert "
+                   "model with one scheme: a compressed-tensors checkpoint stores every routed expert at the widest")
     return out

@@ -15,7 +15,8 @@ select to at least their width B (paper section 2.2):
 
 With ``random_seed`` every selection rule draws random targets of the same count instead (the
 paper's baselines use seeds 42, 43, 44); each rule has its own stream, so results are reproducible.
-With ``serving_compatible`` every serving unit (see :mod:`.modules`) is raised to its widest member.
+With ``serving_compatible`` (the default) every serving unit (see :mod:`.modules`) is raised to its widest member,
+so every loader and fused kernel can run the plan with the widths it names.
 """
 
 from __future__ import annotations
@@ -68,7 +69,8 @@ class PlanRules:
     outlier_top: Selection | None = None
     importance_top: Selection | None = None
     random_seed: int | None = None
-    serving_compatible: bool = False
+    serving_compatible: bool = True  # False: widths may differ inside a fused unit (--mix-units)
+    engine: str | None = None  # widths raised to what this serving engine loads (moeq.export.engines)
 
     def __post_init__(self):
         for b in (self.bits, self.attn_bits, self.shared_bits, self.dense_bits):
@@ -78,6 +80,8 @@ class PlanRules:
             raise ValueError(f"--alpha must be in [0, 1], got {self.alpha}")
         if self.alpha and self.freq_top is None:
             raise ValueError("--alpha mixes frequency and outlier selection: give --freq-top K@B with it")
+        if self.engine is not None:
+            engine_widths(self.engine, "expert", self.symmetric)  # a clear error for a scheme it cannot load
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -175,10 +179,28 @@ def rule_bits(profile, rules: PlanRules) -> dict[str, int]:
         else:
             top = rng.sample(blocks, k)
         raise_to(block_experts(top), rules.importance_top.bits)
-    if rules.serving_compatible:
+    if rules.engine is not None:
+        for r in mods:
+            allowed = engine_widths(rules.engine, r.role, rules.symmetric)
+            bits[r.name] = min((b for b in allowed if b >= bits[r.name]), default=max(allowed))
+    if rules.serving_compatible or rules.engine is not None:
         for members in serving_units(mods).values():
             raise_to([r.name for r in members], max(bits[r.name] for r in members))
     return bits
+
+
+def engine_widths(engine: str, role: str, symmetric: bool) -> tuple[int, ...]:
+    """Widths ``engine`` loads for a linear of ``role`` with this symmetry (ValueError when none)."""
+    from ..export.engines import ENGINES
+
+    if engine not in ENGINES:
+        raise ValueError(f"unknown engine {engine!r}; choose from {', '.join(ENGINES)}")
+    e = ENGINES[engine]
+    moe = role == "expert"
+    widths = (e.moe_bits if moe else e.dense_bits) if symmetric else (e.moe_asym_bits if moe else e.dense_asym_bits)
+    if not widths:
+        raise ValueError(f"{engine} cannot load asymmetric {'experts' if moe else 'linears'}: plan with --sym")
+    return widths
 
 
 def plan_from_bits(bits: dict[str, int | None], group_size: int, symmetric: bool) -> BitPlan:

@@ -78,11 +78,13 @@ def _scheme_in(v, default: QuantArgs, where: str) -> QuantArgs | None:
     if isinstance(v, int):
         return QuantArgs(v, default.group_size, default.symmetric)
     if isinstance(v, dict):
-        unknown = set(v) - {"num_bits", "group_size", "symmetric"}
+        unknown = set(v) - {"num_bits", "group_size", "symmetric", "superblock", "narrow"}
         if unknown:
-            raise ValueError(f"{where}: unknown scheme keys {sorted(unknown)}; use num_bits, group_size, symmetric")
+            raise ValueError(f"{where}: unknown scheme keys {sorted(unknown)}; use num_bits, group_size, symmetric, "
+                             "superblock, narrow")
         return QuantArgs(v.get("num_bits", default.num_bits), v.get("group_size", default.group_size),
-                         bool(v.get("symmetric", default.symmetric)))
+                         bool(v.get("symmetric", default.symmetric)), bool(v.get("superblock", default.superblock)),
+                         bool(v.get("narrow", default.narrow)))
     raise ValueError(f"{where}: a scheme is bits (e.g. 4), a mapping like {{num_bits: 4}} or null, got {v!r}")
 
 

@@ -86,11 +86,13 @@ def _summary_text(path, stats: dict, prov: dict, measured: dict | None) -> str:
         lines.append("  serving: every fused unit has one scheme (fused-MoE / fused-QKV kernels can run it)")
     else:
         v = stats["serving_violations"]
-        lines.append(f"  WARNING: {len(v)} serving units mix schemes, which fused-MoE / fused-QKV serving kernels "
-                     f"(vLLM) cannot run; e.g. {v[0]}. Use --serving-compatible to avoid.")
+        lines.append(f"  WARNING: {len(v)} serving units mix schemes (--mix-units), which loaders and fused-MoE / "
+                     f"fused-QKV kernels read with one scheme; e.g. {v[0]}. A compressed-tensors export stores each "
+                     "such unit at its widest member's width (same weights, the bytes of the wider width)")
     if stats["expert_schemes"] > 1:
-        lines.append(f"  note: routed experts use {stats['expert_schemes']} schemes; transformers loads fused-expert "
-                     "checkpoints with one expert scheme, so evaluate this plan in memory (moeq quantize does)")
+        lines.append(f"  note: routed experts use {stats['expert_schemes']} schemes; transformers reads all routed "
+                     "experts of a fused-expert model with one scheme, so a compressed-tensors export stores them "
+                     "all at the widest (GGUF keeps one type per layer's expert tensor)")
     if "search" in prov:
         s = prov["search"]
         uni = ", ".join(f"{b}-bit {v:.4g}" for b, v in prov["uniform_predicted_error"].items())
@@ -129,7 +131,7 @@ def make_plan(a, rules, cfg) -> dict:
         prof = run_profile(loaded, cfg, a, device, predictor=need_pred, sensitivity=a.avg_bits is not None)
     prov: dict = {"profile": str(a.profile) if a.profile else None, "calibration": prof.calibration}
     if rules is None:
-        res = search(prof, a.avg_bits, a.search, a.serving_compatible)
+        res = search(prof, a.avg_bits, a.search, a.serving_compatible, engine=a.engine)
         plan = res.plan
         prov.update(search=res.info, exact=res.exact, predicted_error=res.predicted,
                     uniform_predicted_error={str(b): predicted_error(prof, {r.name: b for r in prof.modules})

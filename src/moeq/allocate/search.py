@@ -63,9 +63,10 @@ def predicted_error(profile, bits: dict[str, int]) -> float:
     return float(sum(profile.sensitivity[n][b] for n, b in bits.items()))
 
 
-def search(profile, budget: float, method: str = "knapsack", serving_compatible: bool = False,
-           candidates: list[int] | None = None, max_cells: int = 40_000_000) -> SearchResult:
-    """Minimise the predicted error subject to average bits <= ``budget``; see the module docstring."""
+def search(profile, budget: float, method: str = "knapsack", serving_compatible: bool = True,
+           candidates: list[int] | None = None, max_cells: int = 40_000_000, engine: str | None = None) -> SearchResult:
+    """Minimise the predicted error subject to average bits <= ``budget``; see the module docstring. With
+    ``engine`` each unit only takes widths that engine loads for it (and units are never mixed)."""
     if method not in METHODS:
         raise ValueError(f"unknown search {method!r}; choose from {', '.join(METHODS)}")
     if not profile.candidates or not any(profile.sensitivity.values()):
@@ -74,9 +75,17 @@ def search(profile, budget: float, method: str = "knapsack", serving_compatible:
     cands = sorted(set(candidates or profile.candidates))
     if not cands or not set(cands) <= set(profile.candidates):
         raise ValueError(f"candidate widths {cands} must be a non-empty subset of the profiled {profile.candidates}")
-    items = _items(profile, serving_compatible)
+    items = _items(profile, serving_compatible or engine is not None)
     params = np.array([sum(r.params for r in it) for it in items], dtype=np.int64)  # (U,)
     V = np.array([[sum(profile.sensitivity[r.name][b] for r in it) for b in cands] for it in items])  # (U, O)
+    if engine is not None:  # widths the engine cannot load for a unit are priced out
+        from .plan import engine_widths
+
+        ok = np.array([[b in engine_widths(engine, it[0].role, profile.symmetric) for b in cands] for it in items])
+        if not ok.any(1).all():
+            raise ValueError(f"no candidate width {cands} is one {engine} loads for every unit; profile with "
+                             f"--candidates including 4 and 8")
+        V = np.where(ok, V, np.inf)
     total = int(params.sum())
     B = _budget(budget)
     cap_bits = math.floor(B * total)  # bit budget, exact
@@ -88,16 +97,19 @@ def search(profile, budget: float, method: str = "knapsack", serving_compatible:
         choice, exact, unit = _knapsack(params, bits_arr, V, cap_bits, max_cells)
     else:
         choice, exact, unit = _greedy(params, bits_arr, V, cap_bits), False, 1
+    if not np.isfinite(V[np.arange(len(items)), choice]).all():
+        raise ValueError(f"--avg-bits {budget} cannot give every unit a width {engine} loads; raise it")
     bits = {r.name: cands[choice[u]] for u, it in enumerate(items) for r in it}
     used = int((params * bits_arr[choice]).sum())
     assert used <= cap_bits, "search exceeded the budget"
     plan = plan_from_bits(bits, profile.group_size, profile.symmetric)
     return SearchResult(plan, bits, float(V[np.arange(len(items)), choice].sum()), used / total, exact,
                         {"method": method, "budget": float(budget), "items": len(items), "cost_unit": unit,
-                         "serving_compatible": serving_compatible, "candidates": cands})
+                         "serving_compatible": serving_compatible or engine is not None, "candidates": cands,
+                         "engine": engine})
 
 
-def allocate(profile, budget: float, method: str = "knapsack", serving_compatible: bool = False,
+def allocate(profile, budget: float, method: str = "knapsack", serving_compatible: bool = True,
              candidates: list[int] | None = None) -> BitPlan:
     """Pure (profile, budget) -> BitPlan: the minimum-error plan within the average-bits budget."""
     return search(profile, budget, method, serving_compatible, candidates).plan

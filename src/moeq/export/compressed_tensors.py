@@ -22,6 +22,7 @@ import torch
 from ..models.adapter import ModelAdapter
 from ..quant.primitives import QuantArgs
 from ..solvers.base import QuantResult
+from .containers import widen
 
 def config_groups(names_by_args: dict[QuantArgs, list[str]], all_names: list[str]) -> dict[QuantArgs, list[str]]:
     """Compact regex targets per scheme. A name's numbers (expert, then layer) are wildcarded as long as
@@ -71,9 +72,12 @@ def quantization_config(adapter: ModelAdapter, schemes: dict[str, QuantArgs], ac
     for name, args in schemes.items():
         by_args[args].append(adapter.checkpoint_name(name))
     all_names = [adapter.checkpoint_name(li.name) for li in adapter.linears()]
+    routed = {schemes.get(li.name) for li in adapter.linears() if li.role == "expert"}
     groups = {}
+    # the routed experts' group first: transformers reads all fused experts with the first group naming experts
     for k, (args, targets) in enumerate(sorted(config_groups(by_args, all_names).items(),
-                                               key=lambda kv: (kv[0].num_bits, kv[0].group_size))):
+                                               key=lambda kv: (kv[0] not in routed, kv[0].num_bits,
+                                                               kv[0].group_size, kv[0].symmetric))):
         groups[f"group_{k}"] = QuantizationScheme(
             targets=targets,
             weights=QuantizationArgs(num_bits=args.num_bits, type="int", symmetric=args.symmetric,
@@ -106,10 +110,12 @@ def packed_tensors(prefix: str, r: QuantResult, scale_dtype: torch.dtype) -> dic
 
 
 def part_tensors(adapter: ModelAdapter, module: torch.nn.Module, prefix: str, results: dict[str, QuantResult],
-                 dtype: torch.dtype, skip: tuple[str, ...] = ()) -> dict[str, torch.Tensor]:
+                 dtype: torch.dtype, skip: tuple[str, ...] = (), storage: dict[str, QuantArgs] | None = None
+                 ) -> dict[str, torch.Tensor]:
     """The checkpoint tensors of ``module`` (full names start with ``prefix``): its parameters and persistent
-    buffers in the checkpoint dtype, every quantized linear (``results``, full names) as packed tensors,
-    all under the family's checkpoint names. ``skip``: full tensor names left out (a tied head)."""
+    buffers in the checkpoint dtype, every quantized linear (``results``, full names) as packed tensors on
+    its storage scheme (``storage``, see :mod:`.containers`; default: its own grid), all under the family's
+    checkpoint names. ``skip``: full tensor names left out (a tied head)."""
     sd: dict[str, torch.Tensor] = {}
     for rel, t in module.state_dict().items():
         key = f"{prefix}{rel}"
@@ -118,6 +124,7 @@ def part_tensors(adapter: ModelAdapter, module: torch.nn.Module, prefix: str, re
             continue
         sd[adapter.checkpoint_name(key)] = t.detach().to("cpu", dtype if t.is_floating_point() else t.dtype).contiguous()
     for name, r in results.items():
+        r = widen(r, storage[name]) if storage is not None else r
         sd.update(packed_tensors(adapter.checkpoint_name(name), r, dtype))
     return sd
 

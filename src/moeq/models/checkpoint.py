@@ -128,10 +128,8 @@ class CheckpointReader:
             if src in self.where:
                 parts = [src] + ([src + SCALE_SUFFIX] if self.fp8_block and src + SCALE_SUFFIX in self.where else [])
                 plan[k] = ("fp8" if len(parts) == 2 else "plain", parts)
-            elif base is not None and f"{base}.weight_packed" in self.where:
-                parts = [f"{base}.weight_packed", f"{base}.weight_scale", f"{base}.weight_shape"]
-                parts += [f"{base}.weight_zero_point"] if f"{base}.weight_zero_point" in self.where else []
-                plan[k] = ("packed", parts)
+            elif base is not None and self.packed_parts(base):
+                plan[k] = ("packed", self.packed_parts(base))
             else:
                 raise CheckpointReadError(f"{self.path}: the checkpoint has no tensor {src!r}; it does not match "
                                           "its config.json (wrong or incomplete checkpoint)")
@@ -160,7 +158,9 @@ class CheckpointReader:
         raw.clear()
         return out
 
-    def _unpack(self, module: str, parts: list[torch.Tensor], storage_dtype) -> torch.Tensor:
+    def grid(self, module: str, parts: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, QuantArgs]:
+        """(q (out, in) int8, scale (out, G) fp32, zero (out, G) fp32, args) of a packed linear from its stored
+        parts [weight_packed, weight_scale, weight_shape(, weight_zero_point)]."""
         from compressed_tensors.compressors.pack_quantized.helpers import unpack_from_int32
 
         args = self._scheme(module)
@@ -169,5 +169,16 @@ class CheckpointReader:
         zero = torch.zeros_like(scale)
         if not args.symmetric:
             zero = unpack_from_int32(parts[3], args.num_bits, torch.Size(scale.shape), packed_dim=0).float()
+        return q, scale, zero, args
+
+    def packed_parts(self, module: str) -> list[str] | None:
+        """The stored keys of a packed linear (None when ``module`` is not packed)."""
+        if f"{module}.weight_packed" not in self.where:
+            return None
+        parts = [f"{module}.weight_packed", f"{module}.weight_scale", f"{module}.weight_shape"]
+        return parts + ([f"{module}.weight_zero_point"] if f"{module}.weight_zero_point" in self.where else [])
+
+    def _unpack(self, module: str, parts: list[torch.Tensor], storage_dtype) -> torch.Tensor:
+        q, scale, zero, args = self.grid(module, parts)
         W = dequantize(q, scale, zero, args)  # (out, in) fp32
         return W.to(storage_dtype) if storage_dtype is not None else W

@@ -9,7 +9,11 @@ that an export is a serialisation, not a translation:
 * q = clamp(round(w / scale) + zero, qmin, qmax), w_hat = (q - zero) * scale (:func:`grid_round`,
   :func:`grid_value`: the one implementation every solver, search and the activation quantizer use);
 * per-channel (group_size = -1) or groups of ``group_size`` consecutive input columns; with act-order
-  ``g_idx[j]`` names the group of column j.
+  ``g_idx[j]`` names the group of column j;
+* ``superblock`` (llama.cpp's K-quant scale grid, symmetric groups of 16): the 16 scales of each 256-column
+  super-block are snapped to 2^e k with one power of two per super-block and integers 1 <= k <= 31 (grids
+  of <= 3 bits: Q3_K's 6-bit signed scales) or 127 (4-6 bits: Q6_K's int8 scales), so GGUF stores the
+  grid exactly as Q3_K / Q6_K (and the scales stay exact bf16 numbers) (:func:`snap_superblocks`).
 
 Scales are rounded to the checkpoint's storage dtype (``scale_dtype``, bf16 for bf16 models) before
 the integers are chosen, so the exported checkpoint dequantizes to exactly moeq's in-memory weights.
@@ -26,13 +30,15 @@ import torch
 
 
 class SignedGrid:
-    """Integer range of a signed ``num_bits`` grid, shared by weight and activation schemes."""
+    """Integer range of a signed ``num_bits`` grid, shared by weight and activation schemes; ``narrow`` drops
+    the lowest integer (symmetric range [-(2^(b-1) - 1), 2^(b-1) - 1], ggml's Q8_0 range)."""
 
     num_bits: int
+    narrow: bool = False
 
     @property
     def qmin(self) -> int:
-        return -(1 << (self.num_bits - 1))
+        return -(1 << (self.num_bits - 1)) + int(self.narrow)
 
     @property
     def qmax(self) -> int:
@@ -46,12 +52,22 @@ class QuantArgs(SignedGrid):
     num_bits: int = 4
     group_size: int = 128  # -1: one scale per output channel
     symmetric: bool = True
+    superblock: bool = False  # K-quant scale grid (see the module docstring)
+    narrow: bool = False  # symmetric range without -2^(b-1) (set for 8-bit grids written as GGUF Q8_0)
 
     def __post_init__(self):
         if not isinstance(self.num_bits, int) or not 2 <= self.num_bits <= 8:
             raise ValueError(f"bits must be an integer in 2..8, got {self.num_bits!r} (use --bits 2..8)")
         if self.group_size != -1 and (not isinstance(self.group_size, int) or self.group_size <= 0):
             raise ValueError(f"group size must be -1 (per channel) or a positive integer, got {self.group_size!r}")
+        if self.superblock and (self.group_size != 16 or not self.symmetric or self.num_bits > 6):
+            raise ValueError("--kquant-scales (llama.cpp's Q3_K/Q6_K grids) needs --group-size 16, --sym and "
+                             f"--bits 2..6, got {self.label()}")
+
+    @property
+    def kmax(self) -> int:
+        """Largest scale multiplier of a super-block (Q3_K: 31, Q6_K: 127)."""
+        return 31 if self.num_bits <= 3 else 127
 
     @property
     def strategy(self) -> str:
@@ -62,13 +78,17 @@ class QuantArgs(SignedGrid):
             raise ValueError(
                 f"group size {self.group_size} does not divide the input width {in_features} of {name or 'a linear'}; "
                 f"use a group size that divides it (e.g. 32, 64) or -1 for per-channel scales")
+        if self.superblock and in_features % 256:
+            raise ValueError(f"--kquant-scales needs input widths that are multiples of 256 (llama.cpp's K-quant "
+                             f"super-blocks); {name or 'a linear'} has {in_features}: give it another scheme in a plan")
 
     def num_groups(self, in_features: int) -> int:
         return 1 if self.group_size == -1 else in_features // self.group_size
 
     def label(self) -> str:
         g = "c" if self.group_size == -1 else str(self.group_size)
-        return f"w{self.num_bits}g{g}{'' if self.symmetric else 'a'}"
+        return (f"w{self.num_bits}g{g}{'' if self.symmetric else 'a'}{'k' if self.superblock else ''}"
+                f"{'n' if self.narrow else ''}")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -89,11 +109,23 @@ def qparams_from_range(xmin: torch.Tensor, xmax: torch.Tensor, args: QuantArgs,
     qrange = float(args.qmax - args.qmin)
     if args.symmetric:
         scale = _round_scale(torch.maximum(xmin.abs(), xmax) / (qrange / 2), scale_dtype)
+        if args.superblock and scale.shape[-1] % 16 == 0:  # whole rows of groups: snap their super-blocks
+            scale = snap_superblocks(scale, args.kmax)
         zero = torch.zeros_like(scale)
     else:
         scale = _round_scale((xmax - xmin) / qrange, scale_dtype)
         zero = torch.clamp(args.qmin - torch.round(xmin / scale), args.qmin, args.qmax)
     return scale, zero
+
+
+def snap_superblocks(scale: torch.Tensor, kmax: int) -> torch.Tensor:
+    """(..., G) group scales -> 2^e k per super-block of 16 groups: e the smallest exponent with
+    max(scale) / 2^e <= kmax, k = clamp(round(scale / 2^e), 1, kmax). Exact in fp16 and bf16 (k < 2^7)."""
+    s = scale.reshape(*scale.shape[:-1], -1, 16)  # (..., G/16, 16)
+    top = s.amax(-1, keepdim=True).clamp_min(1e-30)  # (..., G/16, 1)
+    d = torch.exp2(torch.ceil(torch.log2(top / kmax))).clamp(min=2.0 ** -24)  # (..., G/16, 1) fp16-representable
+    k = torch.clamp(torch.round(s / d), 1, kmax)  # (..., G/16, 16)
+    return (k * d).reshape(scale.shape)
 
 
 def group_view(W: torch.Tensor, args: QuantArgs) -> torch.Tensor:

@@ -17,7 +17,8 @@ from __future__ import annotations
 
 import torch
 
-from ..quant.primitives import QuantArgs, grid_round, grid_value, hessian_error, qparams_from_range, search_clip
+from ..quant.primitives import (QuantArgs, grid_round, grid_value, hessian_error, qparams_from_range, search_clip,
+                                snap_superblocks)
 from .base import QuantResult
 
 
@@ -74,12 +75,15 @@ def gptq(W: torch.Tensor, H: torch.Tensor, args: QuantArgs, *, blocksize: int = 
 
     gs = n if args.group_size == -1 else args.group_size
     G = n // gs
-    # static grid: per-channel scales, or with act-order the scales of each group's original columns
+    # static grid: per-channel scales, or with act-order (or a K-quant super-block grid, whose 16 scales are
+    # snapped together) the scales of each group's original columns
     static_scale = static_zero = None
-    if args.group_size == -1 or act_order:
+    if args.group_size == -1 or act_order or args.superblock:
         sz = [_grid(W[:, :, g * gs:(g + 1) * gs], args, scale_dtype, mse_clip) for g in range(G)]
         static_scale = torch.stack([s for s, _ in sz], -1)  # (B, out, G)
         static_zero = torch.stack([z for _, z in sz], -1)  # (B, out, G)
+        if args.superblock:
+            static_scale = snap_superblocks(static_scale, args.kmax)
 
     perm = None
     if act_order:

@@ -24,5 +24,5 @@ def setup_logging(verbose: bool = False) -> None:
     quiet = os.environ.get("MOEQ_QUIET") == "1"
     level = logging.DEBUG if verbose else logging.WARNING if quiet else logging.INFO
     logging.basicConfig(level=level, format="%(message)s", stream=sys.stderr)
-    for noisy in ("transformers", "compressed_tensors", "httpx", "urllib3", "filelock"):
+    for noisy in ("transformers", "compressed_tensors", "httpx", "urllib3", "filelock", "gguf", "gguf.gguf_writer"):
         logging.getLogger(noisy).setLevel(logging.ERROR)
