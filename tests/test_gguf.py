@@ -77,11 +77,11 @@ def test_bundled_w4_gptq_gguf_runs_in_llama_cpp_like_moeq(model, tmp_path, token
 
 
 def test_a_mixed_plan_maps_to_per_tensor_types_and_runs(tmp_path, tokenizer):
-    rep, m = _export("qwen2-moe-tiny", tmp_path / "o", plan=MIXED, formats=("gguf",))
+    rep, m = _export("qwen2-moe-tiny", tmp_path / "o", plan=MIXED, method="gptq", nsamples=4, formats=("gguf",))
     types = rep["gguf"]["types"]
-    # experts W3 in Q4_0 blocks; the asymmetric W4 shared expert in Q8_0 (its Q4_1 minimum is no fp16 number);
-    # attention W8 in Q8_0: a run writing GGUF quantizes 8-bit grids on [-127, 127], Q8_0's range
-    assert types.get("Q4_0") and types.get("Q8_0") and not rep["gguf"]["f32_linears"]
+    # experts W3 in Q4_0 blocks, the asymmetric W4 shared expert in Q4_1, attention W8 in Q8_0: a run writing
+    # GGUF quantizes 8-bit grids on [-127, 127] and keeps 7-bit asymmetric scales (ggml grids)
+    assert types.get("Q4_0") and types.get("Q4_1") and types.get("Q8_0") and not rep["gguf"]["f32_linears"]
     assert {r["bits"] for r in rep["modules"] if ".self_attn." in r["name"]} == {8}
     assert not list((tmp_path / "o").glob("*.safetensors"))  # --format gguf alone: no compressed-tensors shards
     windows = [w.tolist() for w in wikitext2_windows(tokenizer, 256, None).ids[:2]]
@@ -155,7 +155,7 @@ def test_gguf_blocks_hold_moeqs_integers_exactly(arch, tiny_ckpt, tmp_path):
         assert np.array_equal(got, want), t.name
         assert np.allclose(got, mem.numpy(), rtol=2 ** -8, atol=0), t.name  # bf16 rounding only
         checked.add(t.tensor_type.name)
-    assert checked >= {"Q4_0", "Q8_0"}  # asymmetric W4: Q4_1 where its block minima are fp16 numbers, else Q8_0
+    assert checked == {"Q4_0", "Q4_1", "Q8_0"}
     assert not [t.name for t in reader.tensors if t.tensor_type.name == "F32" and t.name.endswith("attn_q.weight")]
 
 

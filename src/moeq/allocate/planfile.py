@@ -45,7 +45,8 @@ def plan_format(path: Path) -> str:
 def _scheme_out(a: QuantArgs | None, default: QuantArgs):
     if a is None:
         return None
-    if (a.group_size, a.symmetric) == (default.group_size, default.symmetric):
+    if (a.group_size, a.symmetric, a.superblock, a.ggml) == (default.group_size, default.symmetric,
+                                                              default.superblock, default.ggml):
         return a.num_bits
     return a.to_dict()
 
@@ -76,15 +77,15 @@ def _scheme_in(v, default: QuantArgs, where: str) -> QuantArgs | None:
     if isinstance(v, bool):
         raise ValueError(f"{where}: a scheme is bits, a mapping or null, got {v!r}")
     if isinstance(v, int):
-        return QuantArgs(v, default.group_size, default.symmetric)
+        return QuantArgs(v, default.group_size, default.symmetric, default.superblock, default.ggml)
     if isinstance(v, dict):
-        unknown = set(v) - {"num_bits", "group_size", "symmetric", "superblock", "narrow"}
+        unknown = set(v) - {"num_bits", "group_size", "symmetric", "superblock", "ggml"}
         if unknown:
             raise ValueError(f"{where}: unknown scheme keys {sorted(unknown)}; use num_bits, group_size, symmetric, "
-                             "superblock, narrow")
+                             "superblock, ggml")
         return QuantArgs(v.get("num_bits", default.num_bits), v.get("group_size", default.group_size),
                          bool(v.get("symmetric", default.symmetric)), bool(v.get("superblock", default.superblock)),
-                         bool(v.get("narrow", default.narrow)))
+                         bool(v.get("ggml", default.ggml)))
     raise ValueError(f"{where}: a scheme is bits (e.g. 4), a mapping like {{num_bits: 4}} or null, got {v!r}")
 
 

@@ -44,7 +44,8 @@ def container(members: list[tuple[ModuleRecord, QuantArgs]]) -> QuantArgs:
         gs = -1
     else:
         gs = math.gcd(*[r.in_features if a.group_size == -1 else a.group_size for r, a in members])
-    return QuantArgs(max(a.num_bits for _, a in members), gs, syms.pop())
+    return QuantArgs(max(a.num_bits for _, a in members), gs, syms.pop(),
+                     ggml=all(a.ggml for _, a in members))  # ggml grids hold narrower ggml grids exactly
 
 
 def storage_schemes(records: list[ModuleRecord], schemes: dict[str, QuantArgs | None],

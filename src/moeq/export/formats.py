@@ -29,10 +29,12 @@ def parse_formats(s: str) -> tuple[str, ...]:
 
 def ggml_grid(a):
     """The scheme a run writing GGUF quantizes with: 8-bit symmetric grids drop -128 (ggml's Q8_0 holds
-    [-127, 127]; its int8 dot products assume no -128), everything else unchanged."""
+    [-127, 127]; its int8 dot products assume no -128) and asymmetric grids of <= 4 bits keep 7-bit scales
+    (so they are exact Q4_1 blocks); everything else unchanged."""
     from dataclasses import replace
 
-    return replace(a, narrow=True) if a.symmetric and a.num_bits == 8 and not a.narrow else a
+    wanted = (a.symmetric and a.num_bits == 8) or (not a.symmetric and a.num_bits <= 4)
+    return replace(a, ggml=True) if wanted and not a.ggml else a
 
 
 def check_formats(formats, info, pre: str | None) -> None:

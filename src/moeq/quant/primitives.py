@@ -10,6 +10,8 @@ that an export is a serialisation, not a translation:
   :func:`grid_value`: the one implementation every solver, search and the activation quantizer use);
 * per-channel (group_size = -1) or groups of ``group_size`` consecutive input columns; with act-order
   ``g_idx[j]`` names the group of column j;
+* ``ggml`` (runs writing GGUF): symmetric integers avoid -2^(b-1) (Q8_0 holds [-127, 127]) and asymmetric
+  scales keep 7 significant bits (Q4_1's block minima are then fp16 numbers), so ggml blocks hold the grid;
 * ``superblock`` (llama.cpp's K-quant scale grid, symmetric groups of 16): the 16 scales of each 256-column
   super-block are snapped to 2^e k with one power of two per super-block and integers 1 <= k <= 31 (grids
   of <= 3 bits: Q3_K's 6-bit signed scales) or 127 (4-6 bits: Q6_K's int8 scales), so GGUF stores the
@@ -30,15 +32,16 @@ import torch
 
 
 class SignedGrid:
-    """Integer range of a signed ``num_bits`` grid, shared by weight and activation schemes; ``narrow`` drops
-    the lowest integer (symmetric range [-(2^(b-1) - 1), 2^(b-1) - 1], ggml's Q8_0 range)."""
+    """Integer range of a signed ``num_bits`` grid, shared by weight and activation schemes; a symmetric
+    ``ggml`` grid drops the lowest integer ([-(2^(b-1) - 1), 2^(b-1) - 1]: ggml's Q8_0 range)."""
 
     num_bits: int
-    narrow: bool = False
+    symmetric: bool = True
+    ggml: bool = False
 
     @property
     def qmin(self) -> int:
-        return -(1 << (self.num_bits - 1)) + int(self.narrow)
+        return -(1 << (self.num_bits - 1)) + int(self.ggml and self.symmetric)
 
     @property
     def qmax(self) -> int:
@@ -53,7 +56,7 @@ class QuantArgs(SignedGrid):
     group_size: int = 128  # -1: one scale per output channel
     symmetric: bool = True
     superblock: bool = False  # K-quant scale grid (see the module docstring)
-    narrow: bool = False  # symmetric range without -2^(b-1) (set for 8-bit grids written as GGUF Q8_0)
+    ggml: bool = False  # fits ggml's legacy blocks exactly (runs writing GGUF): see :func:`qparams_from_range`
 
     def __post_init__(self):
         if not isinstance(self.num_bits, int) or not 2 <= self.num_bits <= 8:
@@ -88,7 +91,7 @@ class QuantArgs(SignedGrid):
     def label(self) -> str:
         g = "c" if self.group_size == -1 else str(self.group_size)
         return (f"w{self.num_bits}g{g}{'' if self.symmetric else 'a'}{'k' if self.superblock else ''}"
-                f"{'n' if self.narrow else ''}")
+                f"{'x' if self.ggml else ''}")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -114,6 +117,9 @@ def qparams_from_range(xmin: torch.Tensor, xmax: torch.Tensor, args: QuantArgs,
         zero = torch.zeros_like(scale)
     else:
         scale = _round_scale((xmax - xmin) / qrange, scale_dtype)
+        if args.ggml:  # 7 significant bits: Q4_1's block minimum -(8 + z) s (<= 11 bits) is then an fp16 number
+            mant, ex = torch.frexp(scale)
+            scale = torch.ldexp(torch.round(mant * 128) / 128, ex)
         zero = torch.clamp(args.qmin - torch.round(xmin / scale), args.qmin, args.qmax)
     return scale, zero
 

@@ -15,6 +15,8 @@ diagonal is set to 1 so they are rounded without propagating error.
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import torch
 
 from ..quant.primitives import (QuantArgs, grid_round, grid_value, hessian_error, qparams_from_range, search_clip,
@@ -26,7 +28,7 @@ def _grid(Wc: torch.Tensor, args: QuantArgs, scale_dtype, mse_clip: bool) -> tup
     """Scale and zero (B, out) for the columns Wc (B, out, c) treated as one group per row."""
     B, out, c = Wc.shape
     flat = Wc.reshape(B * out, c)  # (B*out, c)
-    one = QuantArgs(args.num_bits, -1, args.symmetric)
+    one = replace(args, group_size=-1, superblock=False)  # the same grid on these columns (super-blocks: snapped later)
     shrink = search_clip(flat, one, scale_dtype)[:, 0] if mse_clip else 1.0  # (B*out,)
     scale, zero = qparams_from_range(flat.amin(-1) * shrink, flat.amax(-1) * shrink, one, scale_dtype)
     return scale.view(B, out), zero.view(B, out)
