@@ -212,3 +212,17 @@ def test_kquant_scales_need_their_layout(tmp_path, capsys):
                  "--skip-eval", "--out", str(tmp_path / "o")])
     err = capsys.readouterr().err
     assert code == 2 and "multiples of 256" in err and "down_proj has 128" in err  # the experts' width
+
+
+def test_a_failed_export_leaves_nothing(tiny_ckpt, tmp_path, capsys, monkeypatch):
+    assert main(["quantize", str(tiny_ckpt("olmoe")), "--method", "rtn", "--group-size", "32", "--skip-eval",
+                 "--nsamples", "2", "--seqlen", "32", "--out", str(tmp_path / "o")]) == 0
+    def boom(self, *a, **k):  # interrupted once the tensors are in the temporary file
+        raise KeyboardInterrupt
+    monkeypatch.setattr(gguf.GGUFWriter, "close", boom)
+    assert main(["export", str(tmp_path / "o"), "--format", "gguf"]) == 130
+    assert not list((tmp_path / "o").glob("*.gguf*")) and not list((tmp_path / "o").glob(".*.tmp"))
+    (tmp_path / "o" / "tokenizer.json").unlink()
+    monkeypatch.undo()
+    assert main(["export", str(tmp_path / "o"), "--format", "gguf"]) == 2
+    assert "no tokenizer.json" in capsys.readouterr().err and not list((tmp_path / "o").glob("*.gguf*"))

@@ -114,7 +114,11 @@ class _Source:
         return t.float().numpy() if t.is_floating_point() else t.numpy()
 
     def is_bf16(self, key: str) -> bool:
-        return self.reader.read([key])[key].dtype == self.torch.bfloat16
+        """From the shard's header (nothing is read)."""
+        from safetensors import safe_open
+
+        with safe_open(str(self.reader.where[key]), "pt") as h:
+            return h.get_slice(key).get_dtype() == "BF16"
 
 
 def _layer_of(name: str) -> int:
@@ -124,15 +128,22 @@ def _layer_of(name: str) -> int:
 
 def write_gguf(folder: str | Path, out: str | Path, pre: str | None = None) -> dict:
     """Write ``out`` (.gguf) from the moeq checkpoint in ``folder``; -> {"types": {ggml type: tensors},
-    "f32_linears": [...], "bytes": size}."""
+    "f32_linears": [...], "bytes": size}. Written to a hidden temporary file, renamed into place when complete."""
+    folder, out = Path(folder), Path(out)
+    tmp = out.with_name(f".{out.name}.tmp")
+    try:
+        return _write(folder, out, tmp, pre)
+    finally:
+        tmp.unlink(missing_ok=True)  # an interrupted or failed write leaves nothing behind
+
+
+def _write(folder: Path, out: Path, tmp: Path, pre: str | None) -> dict:
     import gguf
 
-    folder, out = Path(folder), Path(out)
     src = _Source(folder)
     cfg = json.loads((folder / "config.json").read_text())
     spec = src.adapter.spec
     a = gguf_arch(spec.name, cfg)
-    tmp = out.with_name(f".{out.name}.tmp")
     w = gguf.GGUFWriter(str(tmp), gguf.MODEL_ARCH_NAMES[a.arch], use_temp_file=True)
     w.add_name(cfg.get("_name_or_path") or folder.name)
     write_hparams(w, a, cfg)
