@@ -98,9 +98,9 @@ def perplexity(model, windows: Windows, batch_size: int | None = None, desc: str
     """Perplexity and bits per byte of ``model`` over ``windows``. With several ranks each scores every
     world-th batch and the per-batch sums are added in batch order: the single-process figure."""
     n, T = windows.ids.shape
-    if batch_size is None:  # keep logits (b, T, V) around 512 MiB
+    if batch_size is None:  # keep logits (b, T, V) around 128 MiB (the loss takes about three times that)
         vocab = int(getattr(model.config, "vocab_size", 32000))
-        batch_size = max(1, min(16, (512 << 20) // (T * vocab * 4)))
+        batch_size = max(1, min(16, (128 << 20) // (T * vocab * 4)))
     starts = list(range(0, n, batch_size))
     sums = {k: window_nll(model, windows.ids[starts[k]: starts[k] + batch_size]).double().sum()
             for k in progress(dist.mine(len(starts)), desc=desc or f"ppl {windows.name}", unit="batch")}
