@@ -129,6 +129,8 @@ def test_resume_after_a_kill_gives_identical_tensors(tiny_ckpt, tmp_path):
     assert again.returncode == 2 and "--resume" in again.stderr  # an interrupted run is never silently redone
     other = _cli(*base, "--out", tmp_path / "o", "--resume", "--bits", "3")
     assert other.returncode == 2 and "other settings" in other.stderr and "num_bits" in other.stderr
+    fmt = _cli(*base, "--out", tmp_path / "o", "--resume", "--format", "gguf")  # blocks are stored per format
+    assert fmt.returncode == 2 and "other settings" in fmt.stderr and "formats" in fmt.stderr
     done = _cli(*base, "--out", tmp_path / "o", "--resume")
     assert done.returncode == 0, done.stderr
     assert not partial.exists()

@@ -171,6 +171,7 @@ def quantize(model: str | None, cfg: QuantConfig, out: str | Path | None, *, dev
              "kept in memory" if resident else "streamed block by block from its shards")
 
     fingerprint = {"moeq": __version__, "model": model_fingerprint(info.path), "quant": cfg.to_dict(),
+                   "formats": list(options.formats),  # how finished blocks were stored depends on them
                    **({"ranks": dist.world} if dist.enabled else {})}  # the batches a rank holds depend on it
     partial = PartialRun(out_path, fingerprint, options.resume, overwrite) if out_path is not None and dist.main \
         else None
