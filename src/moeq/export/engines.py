@@ -33,6 +33,8 @@ class Scheme:
 
 @dataclass(frozen=True)
 class Engine:
+    """What one engine's compressed-tensors loader accepts (read from its code; ``source`` says which)."""
+
     name: str
     source: str  # what the rules were read from
     moe_bits: tuple[int, ...]  # fused-MoE widths that load
