@@ -172,6 +172,23 @@ def test_awq_search_units():
     assert err((p, p)) <= err((torch.ones_like(p), torch.ones_like(p))) + 1e-6
 
 
+@pytest.mark.parametrize("args", [QuantArgs(3, 32, False), QuantArgs(4, 32, True), QuantArgs(4, 32, False, ggml=True)])
+def test_lwc_trains_on_the_grid_it_exports(args):
+    """LWC's differentiable fake quantization is the exported grid itself (scales rounded to the storage dtype):
+    the clipped RTN result that export writes dequantizes to exactly what LWC trained on."""
+    from moeq.solvers.lwc import lwc_fake_quant
+
+    g = torch.Generator().manual_seed(2)
+    W = torch.randn(16, 64, generator=g)
+    lo, hi = torch.randn(16, 2, generator=g) + 2, torch.randn(16, 2, generator=g) + 2  # clip logits
+    trained = lwc_fake_quant(W, args, lo, hi, torch.bfloat16)
+    exported = rtn(W, args, torch.bfloat16, clip=(torch.sigmoid(lo), torch.sigmoid(hi))).dequantize()
+    assert torch.equal(trained, exported)
+    lo.requires_grad_(True)
+    lwc_fake_quant(W, args, lo, hi, torch.bfloat16).pow(2).sum().backward()
+    assert lo.grad is not None and lo.grad.abs().sum() > 0  # the roundings pass gradients straight through
+
+
 def test_lwc_learns_clips_that_lower_the_output_error():
     g = torch.Generator().manual_seed(1)
     W = torch.randn(32, 64, generator=g)

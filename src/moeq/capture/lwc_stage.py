@@ -20,7 +20,8 @@ from .hooks import _to
 from .loop import BlockContext, SearchResult
 
 
-def lwc_block(ctx: BlockContext, plan: dict[str, QuantArgs | None], k: LWCKnobs) -> SearchResult:
+def lwc_block(ctx: BlockContext, plan: dict[str, QuantArgs | None], k: LWCKnobs,
+              scale_dtype: torch.dtype | None = None) -> SearchResult:
     """Clip factors for every planned linear of block ``ctx.i``, trained jointly against its FP outputs."""
     names = [li.name for li in ctx.adapter.block_linears(ctx.i) if plan.get(li.name) is not None]
     if not names or k.epochs == 0:
@@ -42,7 +43,7 @@ def lwc_block(ctx: BlockContext, plan: dict[str, QuantArgs | None], k: LWCKnobs)
     for p in frozen:
         p.requires_grad_(False)  # only the clip logits learn
     try:
-        clips, info = learn_clipping(weights, plan.get, batches, block_loss, k.epochs, k.lr, k.init)
+        clips, info = learn_clipping(weights, plan.get, batches, block_loss, k.epochs, k.lr, k.init, scale_dtype)
     finally:
         for p in frozen:
             p.requires_grad_(True)

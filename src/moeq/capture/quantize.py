@@ -115,7 +115,7 @@ class MethodRun:
         if self.method.search == "awq":
             search = awq_block(ctx, self.plan, cfg.awq, bool(cfg.agq), self.storage_dtype, set(online))
         elif self.method.search == "lwc":
-            search = lwc_block(ctx, self.plan, cfg.lwc)
+            search = lwc_block(ctx, self.plan, cfg.lwc, self.storage_dtype)
         tr.smooth += search.scales
         tr.clips.update(search.clips)
         solved = solve_block(ctx, self.solve, search.clips, search.tokens)

@@ -104,23 +104,31 @@ def _round_scale(scale: torch.Tensor, scale_dtype: torch.dtype | None) -> torch.
     return scale
 
 
+def _straight_through(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """y in the forward pass, x's gradient in the backward pass (rounding steps stay trainable: LWC)."""
+    return y if not x.requires_grad else y.detach() + (x - x.detach())
+
+
 def qparams_from_range(xmin: torch.Tensor, xmax: torch.Tensor, args: QuantArgs,
-                       scale_dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Scale and integer zero point from per-(row, group) minima/maxima."""
+                       scale_dtype: torch.dtype | None = None,
+                       round_fn: Callable[[torch.Tensor], torch.Tensor] = torch.round) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scale and integer zero point from per-(row, group) minima/maxima. Differentiable in the ranges with a
+    straight-through ``round_fn`` (the scale's own roundings pass gradients straight through): LWC trains on
+    exactly this grid."""
     xmin = torch.minimum(xmin, torch.zeros_like(xmin))  # 0 must be representable
     xmax = torch.maximum(xmax, torch.zeros_like(xmax))
     qrange = float(args.qmax - args.qmin)
     if args.symmetric:
         scale = _round_scale(torch.maximum(xmin.abs(), xmax) / (qrange / 2), scale_dtype)
         if args.superblock and scale.shape[-1] % 16 == 0:  # whole rows of groups: snap their super-blocks
-            scale = snap_superblocks(scale, args.kmax)
+            scale = _straight_through(scale, snap_superblocks(scale.detach(), args.kmax))
         zero = torch.zeros_like(scale)
     else:
         scale = _round_scale((xmax - xmin) / qrange, scale_dtype)
         if args.ggml:  # 7 significant bits: Q4_1's block minimum -(8 + z) s (<= 11 bits) is then an fp16 number
-            mant, ex = torch.frexp(scale)
-            scale = torch.ldexp(torch.round(mant * 128) / 128, ex)
-        zero = torch.clamp(args.qmin - torch.round(xmin / scale), args.qmin, args.qmax)
+            mant, ex = torch.frexp(scale.detach())
+            scale = _straight_through(scale, torch.ldexp(torch.round(mant * 128) / 128, ex))
+        zero = torch.clamp(args.qmin - round_fn(xmin / scale), args.qmin, args.qmax)
     return scale, zero
 
 

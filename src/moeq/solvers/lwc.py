@@ -14,33 +14,29 @@ from typing import Callable
 
 import torch
 
-from ..quant.primitives import QuantArgs, grid_round, grid_value, group_view
+from ..quant.primitives import QuantArgs, grid_round, grid_value, group_view, qparams_from_range
 
 
 def _round_ste(x: torch.Tensor) -> torch.Tensor:
     return (x.round() - x).detach() + x
 
 
-def lwc_fake_quant(W: torch.Tensor, args: QuantArgs, g_lo: torch.Tensor, g_hi: torch.Tensor) -> torch.Tensor:
-    """Differentiable fake quantization of W (out, in) with learnable range factors; the same grid
-    as :func:`moeq.quant.primitives.qparams_from_range`. -> W_hat (out, in)."""
+def lwc_fake_quant(W: torch.Tensor, args: QuantArgs, g_lo: torch.Tensor, g_hi: torch.Tensor,
+                   scale_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """Differentiable fake quantization of W (out, in) with learnable range factors, on moeq's one grid
+    (:func:`moeq.quant.primitives.qparams_from_range`, scales rounded to ``scale_dtype`` as exported;
+    roundings pass gradients straight through). -> W_hat (out, in)."""
     Wg = group_view(W, args)  # (out, G, gs)
-    xmin = torch.clamp(Wg.amin(-1) * torch.sigmoid(g_lo), max=0.0)  # (out, G) 0 stays representable
-    xmax = torch.clamp(Wg.amax(-1) * torch.sigmoid(g_hi), min=0.0)  # (out, G)
-    qrange = float(args.qmax - args.qmin)
-    if args.symmetric:
-        scale = (torch.maximum(-xmin, xmax) / (qrange / 2)).clamp_min(1e-10)  # (out, G)
-        zero = torch.zeros_like(scale)
-    else:
-        scale = ((xmax - xmin) / qrange).clamp_min(1e-10)
-        zero = torch.clamp(args.qmin - _round_ste(xmin / scale), args.qmin, args.qmax)
+    scale, zero = qparams_from_range(Wg.amin(-1) * torch.sigmoid(g_lo), Wg.amax(-1) * torch.sigmoid(g_hi), args,
+                                     scale_dtype, _round_ste)  # (out, G) x2
     s, z = scale[..., None], zero[..., None]  # (out, G, 1)
     return grid_value(grid_round(Wg, s, z, args, _round_ste), s, z).reshape(W.shape)  # (out, in)
 
 
 def learn_clipping(weights: dict[str, torch.Tensor], args_of: Callable[[str], QuantArgs], batches: list,
                    block_loss: Callable[[dict[str, torch.Tensor], object], torch.Tensor], epochs: int = 2,
-                   lr: float = 5e-2, init: float = 4.0) -> tuple[dict[str, tuple[torch.Tensor, torch.Tensor]], dict]:
+                   lr: float = 5e-2, init: float = 4.0, scale_dtype: torch.dtype | None = None
+                   ) -> tuple[dict[str, tuple[torch.Tensor, torch.Tensor]], dict]:
     """Train clip logits for ``weights`` ({name: W (out, in)}).
 
     ``block_loss(W_hat, batch)`` must return the (differentiable) output error of the block with
@@ -56,7 +52,8 @@ def learn_clipping(weights: dict[str, torch.Tensor], args_of: Callable[[str], Qu
         for _ in range(epochs):
             tot = 0.0
             for b in batches:
-                W_hat = {n: lwc_fake_quant(W.detach().float(), args_of(n), *logits[n]) for n, W in weights.items()}
+                W_hat = {n: lwc_fake_quant(W.detach().float(), args_of(n), *logits[n], scale_dtype)
+                         for n, W in weights.items()}
                 loss = block_loss(W_hat, b)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
