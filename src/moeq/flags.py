@@ -69,6 +69,16 @@ def no_repeat_ngram(s: str) -> int:
     return v
 
 
+def one_of(choices, what: str):
+    """An argparse ``type`` (or :func:`csv_of` item): one of ``choices``."""
+    def parse(s: str) -> str:
+        if s.strip() not in choices:
+            raise argparse.ArgumentTypeError(f"unknown {what} {s.strip()!r}; choose from {', '.join(choices)}")
+        return s.strip()
+    parse.__name__ = what
+    return parse
+
+
 def csv_of(item, what: str = "values"):
     """An argparse ``type``: a non-empty comma-separated list, each item parsed by ``item``."""
     def parse(s: str) -> tuple:

@@ -80,7 +80,9 @@ def add_parsers(sub, add_common) -> None:
     units.add_argument("--mix-units", dest="serving_compatible", action="store_false",
                        help="let widths differ inside a fused unit (per-expert plans, for in-memory studies): a "
                             "compressed-tensors export stores each such unit at its widest member's width")
-    pl.add_argument("--engine", choices=("vllm", "sglang", "transformers"), default=None,
+    from ..export.engines import ENGINES
+
+    pl.add_argument("--engine", choices=tuple(ENGINES), default=None,
                     help="only widths this serving engine loads (e.g. vllm: experts 2/4/8 bits; sglang: 4/8), one per "
                          "fused unit; `moeq check-serving` checks the export")
     pl.add_argument("--avg-bits", type=float_range(0), default=None,

@@ -41,23 +41,12 @@ def summary(found: dict[str, list[Violation]], out: str) -> list[str]:
             f"(`moeq check-serving {out} --engine {e}` lists them)" for e, v in found.items() if v]
 
 
-def _engines(s: str) -> tuple[str, ...]:
-    import argparse
-
-    names = tuple(x.strip() for x in s.split(",") if x.strip())
-    bad = [n for n in names if n not in ENGINES]
-    if not names or bad:
-        raise argparse.ArgumentTypeError(f"unknown engine {bad[0] if bad else s!r}; choose from {', '.join(ENGINES)} "
-                                         "(comma-separated)")
-    return names
-
-
 def add_parsers(sub, add_common) -> None:
-    from ..flags import POSITIVE
+    from ..flags import POSITIVE, csv_of, one_of
 
     c = sub.add_parser("check-serving", help="check an export against vLLM / SGLang / transformers loading rules")
     c.add_argument("model", metavar="DIR", help="a compressed-tensors checkpoint folder (moeq quantize --out)")
-    c.add_argument("--engine", type=_engines, default=tuple(ENGINES),
+    c.add_argument("--engine", type=csv_of(one_of(tuple(ENGINES), "engine"), "engines"), default=tuple(ENGINES),
                    help=f"engines to check, comma-separated: {', '.join(ENGINES)} (default: all)")
     c.add_argument("--tp", type=POSITIVE, default=1, help="tensor-parallel size the engine will run with (default 1)")
     add_common(c)

@@ -47,6 +47,7 @@ class Engine:
     act_schemes: tuple[tuple[int, int], ...] | None  # (weight, activation) bits of W*A* int schemes it runs; None: any
     moe_asym_silent: bool = False  # asymmetric experts it cannot read load without an error
     tensor_parallel: bool = True  # serves with --tp (transformers: one process, no rule)
+    hidden_group_rule: bool = True  # fused-MoE weights need hidden_size % group_size == 0
 
 
 ENGINES: dict[str, Engine] = {e.name: e for e in (
@@ -61,7 +62,8 @@ ENGINES: dict[str, Engine] = {e.name: e for e in (
            experts_per="layer", actorder_group=True, tp_split_checked=False, act_schemes=((8, 8),), moe_asym_silent=True),
     Engine("transformers", "transformers 5.24: integrations/compressed_tensors.py (fused experts dequantized on load)",
            moe_bits=tuple(range(2, 9)), dense_bits=tuple(range(2, 9)), moe_asym_bits=(), dense_asym_bits=tuple(range(2, 9)),
-           experts_per="model", actorder_group=True, tp_split_checked=True, act_schemes=None, tensor_parallel=False),
+           experts_per="model", actorder_group=True, tp_split_checked=True, act_schemes=None, tensor_parallel=False,
+           hidden_group_rule=False),
 )}
 
 
@@ -151,7 +153,7 @@ def violations(engine: Engine, records: list[ModuleRecord], schemes: dict[str, S
         if s.act_bits and engine.act_schemes is not None and (s.num_bits, s.act_bits) not in engine.act_schemes:
             out.append(Violation(r.name, f"{engine.name} has no kernel for integer W{s.num_bits}A{s.act_bits}",
                                  "serve a weight-only export (no --act-bits)"))
-        if moe and hidden and s.group_size != -1 and hidden % s.group_size:
+        if moe and engine.hidden_group_rule and hidden and s.group_size != -1 and hidden % s.group_size:
             out.append(Violation(r.name, f"hidden size {hidden} is not a multiple of group size {s.group_size}",
                                  "a --group-size dividing it"))
         split = _tp_split(r, tp) if engine.tensor_parallel else None

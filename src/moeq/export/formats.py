@@ -17,14 +17,9 @@ log = logging.getLogger("moeq")
 
 def parse_formats(s: str) -> tuple[str, ...]:
     """--format: a comma-separated subset of FORMATS."""
-    import argparse
+    from ..flags import csv_of, one_of
 
-    names = tuple(dict.fromkeys(x.strip() for x in s.split(",") if x.strip()))
-    bad = [n for n in names if n not in FORMATS]
-    if not names or bad:
-        raise argparse.ArgumentTypeError(f"unknown format {bad[0] if bad else s!r}; choose from {', '.join(FORMATS)} "
-                                         "(comma-separated, e.g. compressed-tensors,gguf)")
-    return names
+    return csv_of(one_of(FORMATS, "format"), "formats (e.g. compressed-tensors,gguf)")(s)
 
 
 def ggml_grid(a):

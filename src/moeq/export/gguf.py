@@ -92,6 +92,11 @@ class _Source:
         self.reader = CheckpointReader(folder, info.config)
         self.adapter = CheckpointSource(info.path, info.config, torch.float32, info.storage_dtype, "cpu").adapter
         self.moeq_name = {self.adapter.checkpoint_name(li.name): li.name for li in self.adapter.linears()}
+        ad, moe = self.adapter, self.adapter.spec.moe
+        # from the registry: routers (kept F32) and sigmoid shared-expert gates, by moeq module name
+        self.routers = {f"{ad.block_name(i)}.{moe.router}" for i in ad.moe_blocks()} if moe else set()
+        self.shared_gates = {f"{ad.block_name(i)}.{moe.shared_gate}" for i in ad.moe_blocks()
+                             if ad.shared_gate(i) is not None}
 
     def keys(self) -> list[str]:
         return list(self.reader.where)
@@ -248,10 +253,10 @@ def _flush(pending: dict, put, a, cfg: dict, src: _Source) -> None:
         else:
             values[name] = src.tensor(key)
     for name in list(values):
-        values[name] = _rewrite(name, values[name], a, cfg, values)
+        values[name] = _rewrite(name, values[name], a, cfg, values, src)
     for name, v in values.items():
         if v is not None:
-            put(name, v, router=bool(re.search(r"\.(gate|router)\.(weight|bias)$|e_score_correction", name)))
+            put(name, v, router=name.rpartition(".")[0].removesuffix(".e_score_correction") in src.routers)
     for name, per in experts.items():
         put(name, [per[e] for e in sorted(per)])
 
@@ -260,13 +265,13 @@ def _rows(v, fn):
     return v.rows(fn) if isinstance(v, (Grid, KGrid)) else fn(v)
 
 
-def _rewrite(name: str, v, a, cfg: dict, values: dict):
+def _rewrite(name: str, v, a, cfg: dict, values: dict, src: _Source):
     """The architecture's tensor rewrites (see :mod:`.gguf_arch`); None drops the tensor (replaced by others)."""
     nh = cfg["num_attention_heads"]
     if a.permute_qk and re.search(r"self_attn\.(q|k)_proj\.(weight|bias)$", name):
         n = nh if ".q_proj." in name else (cfg.get("num_key_value_heads") or nh)
         return _rows(v, rope_permute(n))
-    if name.endswith("shared_expert_gate.weight"):
+    if a.vector_shared_gate and name.removesuffix(".weight") in src.shared_gates:
         return np.asarray(v).reshape(-1)  # llama.cpp: a 1-D {n_embd} gate
     if a.mla:
         nope, rope, vhd, kvr = cfg["qk_nope_head_dim"], cfg["qk_rope_head_dim"], cfg["v_head_dim"], cfg["kv_lora_rank"]

@@ -96,11 +96,12 @@ class GGUFArch:
     output_required: bool = False  # write output.weight even for tied embeddings
     permute_qk: bool = False  # llama: HF rotate-half rows -> interleaved pairs
     mla: bool = False  # deepseek2: split kv_b_proj into k_b / v_b
+    vector_shared_gate: bool = False  # the shared-expert gate (1, H) is written as a 1-D {n_embd} tensor
     renames: tuple[tuple[str, str], ...] = field(default=())  # HF-name fixes before the TensorNameMap
 
 
 GGUF_ARCHS: dict[str, GGUFArch] = {  # registry spec name -> llama.cpp architecture
-    "qwen2_moe": GGUFArch(gguf.MODEL_ARCH.QWEN2MOE, _qwen2moe, False, output_required=True),
+    "qwen2_moe": GGUFArch(gguf.MODEL_ARCH.QWEN2MOE, _qwen2moe, False, output_required=True, vector_shared_gate=True),
     "qwen3_moe": GGUFArch(gguf.MODEL_ARCH.QWEN3MOE, _qwen2moe, True),
     "mixtral": GGUFArch(gguf.MODEL_ARCH.LLAMA, _llama, True, permute_qk=True,
                         renames=((".block_sparse_moe.gate.", ".mlp.gate."),)),
