@@ -12,6 +12,7 @@ No WikiText-2 or C4 text is used (see train_corpus/SOURCES.md for the contaminat
 Usage:
     python scripts/train_bundled_model.py --arch qwen2_moe --out src/moeq/bundled/qwen2-moe-tiny
     python scripts/train_bundled_model.py --arch mixtral   --out src/moeq/bundled/mixtral-tiny
+    python scripts/train_bundled_model.py --arch deepseek_v3 --out src/moeq/bundled/deepseek-v3-tiny
 """
 
 from __future__ import annotations
@@ -51,6 +52,19 @@ CONFIGS = {
             router_aux_loss_coef=0.0, output_router_logits=True,
             max_position_embeddings=512, rope_theta=10000.0, tie_word_embeddings=True,
             rms_norm_eps=1e-6, sliding_window=None,
+        ),
+    ),
+    # DeepSeek-MoE class: first block dense, 2 shared experts, 32 fine-grained routed experts, top-6
+    # (DeepSeek-V3's sigmoid router and MLA attention); 3 blocks keep it under 24 MiB with the shared vocabulary
+    "deepseek_v3": dict(
+        cls="DeepseekV3Config",
+        kwargs=dict(
+            hidden_size=256, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=4,
+            intermediate_size=512, moe_intermediate_size=128, n_shared_experts=2, n_routed_experts=32,
+            num_experts_per_tok=6, first_k_dense_replace=1, n_group=1, topk_group=1, norm_topk_prob=True,
+            routed_scaling_factor=1.0, q_lora_rank=None, kv_lora_rank=128, qk_rope_head_dim=32,
+            qk_nope_head_dim=64, v_head_dim=64, router_aux_loss_coef=0.0, output_router_logits=True,
+            max_position_embeddings=512, rope_theta=10000.0, tie_word_embeddings=True, rms_norm_eps=1e-6,
         ),
     ),
 }
@@ -183,8 +197,8 @@ def revive_dead_experts(model, batches, top_k: int, threshold: float, seed: int)
     model.train()
     g = torch.Generator().manual_seed(seed)
     splits = []
-    layers = [blk.mlp for blk in model.model.layers]
-    for li, (mlp, c) in enumerate(zip(layers, counts)):
+    layers = [(li, blk.mlp) for li, blk in enumerate(model.model.layers) if hasattr(blk.mlp, "experts")]  # MoE only
+    for (li, mlp), c in zip(layers, counts):
         share = c / c.sum() * c.numel()  # (E,) load as a multiple of the uniform share
         donors = [int(e) for e in share.argsort(descending=True)]
         for dead in [int(e) for e in (share < threshold).nonzero().flatten()]:

@@ -14,6 +14,7 @@ from dataclasses import asdict, dataclass, field
 
 from .quant.act import ActQuantArgs
 from .quant.primitives import QuantArgs
+from .solvers.blocktune import TuneKnobs
 
 COVERAGE = ("routed", "all")
 FALLBACKS = ("rtn", "avg-hessian")
@@ -128,6 +129,7 @@ class QuantConfig:
     agq_gate_proj: bool = True  # also weight the experts' gate_proj (MoEQuant Eq. 17 approximation)
     awq: AWQKnobs = field(default_factory=AWQKnobs)  # with agq, AWQ statistics and losses are affinity-weighted
     lwc: LWCKnobs = field(default_factory=LWCKnobs)
+    tune: TuneKnobs = field(default_factory=TuneKnobs)  # blocktune
     rotate: bool | None = None  # QuaRot: fuse norms, rotate the residual stream by a random Hadamard
     rotate_seed: int = 0
     act: ActQuantArgs | None = None  # activation fake quantization of every quantized linear's input (W*A*)

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import argparse
 
-from .config import COVERAGE, FALLBACKS, AWQKnobs, BitPlan, CalibSpec, GPTQKnobs, LWCKnobs, QuantConfig
+from .config import COVERAGE, FALLBACKS, AWQKnobs, BitPlan, CalibSpec, GPTQKnobs, LWCKnobs, QuantConfig, TuneKnobs
 from .quant.act import ActQuantArgs
 from .quant.primitives import QuantArgs
 
@@ -35,16 +35,18 @@ def int_range(lo: int, hi: int | None = None):
     return parse
 
 
-def float_range(lo: float, hi: float | None = None, hi_closed: bool = False):
-    """An argparse ``type``: a number > lo and < hi (<= hi with ``hi_closed``; no upper bound when None)."""
-    what = f"> {lo}" if hi is None else f"in ({lo}, {hi}{']' if hi_closed else ')'}"
+def float_range(lo: float, hi: float | None = None, hi_closed: bool = False, lo_closed: bool = False):
+    """An argparse ``type``: a number > lo (>= lo with ``lo_closed``) and < hi (<= hi with ``hi_closed``; no
+    upper bound when None)."""
+    what = (f">{'=' if lo_closed else ''} {lo}" if hi is None
+            else f"in {'[' if lo_closed else '('}{lo}, {hi}{']' if hi_closed else ')'}")
 
     def parse(s: str) -> float:
         try:
             v = float(s)
         except ValueError:
             raise argparse.ArgumentTypeError(f"expected a number {what}, got {s!r}") from None
-        if not (v > lo and (hi is None or v < hi or (hi_closed and v == hi))):
+        if not ((v > lo or (lo_closed and v == lo)) and (hi is None or v < hi or (hi_closed and v == hi))):
             raise argparse.ArgumentTypeError(f"must be a number {what}, got {s}")
         return v
     parse.__name__ = "float"
@@ -199,6 +201,19 @@ def add_quant_flags(p: argparse.ArgumentParser, method: str = "gptq", group_size
                    help="AWQ output-aware clip search after the scales (default on)")
     p.add_argument("--lwc-epochs", type=POSITIVE, default=2, help="lwc: epochs per block (default 2; OmniQuant 20)")
     p.add_argument("--lwc-lr", type=float_range(0), default=5e-2, help="lwc: learning rate (default 5e-2)")
+    p.add_argument("--tune-steps", type=int_range(0), default=100,
+                   help="blocktune: signed-gradient steps per block, one calibration batch each (default 100)")
+    p.add_argument("--tune-lr", type=float_range(0), default=0.005,
+                   help="blocktune: initial step of the rounding offsets, decayed linearly to 0 (default 0.005)")
+    p.add_argument("--tune-scale-lr", type=float_range(0, None, lo_closed=True), default=0.0005,
+                   help="blocktune: initial step of the scale factors (default 0.0005; 0 keeps the solved scales)")
+    p.add_argument("--tune-router", type=float_range(0, None, lo_closed=True), default=1.0,
+                   help="blocktune: weight of the router KL term (default 1; 0 turns it off)")
+    p.add_argument("--tune-expert", type=float_range(0, None, lo_closed=True), default=1.0,
+                   help="blocktune: weight of the affinity-weighted expert-output term (default 1; 0 turns it off)")
+    p.add_argument("--tune-asymmetric", action=argparse.BooleanOptionalAction, default=True,
+                   help="blocktune: targets from the FP model's own activations, carried next to the quantized ones "
+                        "(default); --no-tune-asymmetric: the FP block on the quantized inputs (auto-round's way)")
     p.add_argument("--true-sequential", action=argparse.BooleanOptionalAction, default=True,
                    help="solve a block's linears group by group (q,k,v -> o -> gate/up -> down), each group's "
                         "statistics taken after the previous groups are quantized (default); --no-true-sequential: "
@@ -224,6 +239,8 @@ def quant_config(a, plan: BitPlan | None = None) -> QuantConfig:
         true_sequential=a.true_sequential, min_tokens=a.min_tokens, fallback=a.fallback, mse_clip=a.mse_clip,
         batch_size=a.batch_size, agq=a.agq, agq_gate_proj=a.agq_gate_proj,
         awq=AWQKnobs(grid=a.awq_grid, clip=a.awq_clip), lwc=LWCKnobs(epochs=a.lwc_epochs, lr=a.lwc_lr),
+        tune=TuneKnobs(steps=a.tune_steps, lr=a.tune_lr, scale_lr=a.tune_scale_lr, router=a.tune_router,
+                       expert=a.tune_expert, asymmetric=a.tune_asymmetric),
         rotate=a.rotate, rotate_seed=a.rotation_seed, online_hadamard=a.online_hadamard,
         act=ActQuantArgs(a.act_bits, a.act_clip) if a.act_bits else None)
 

@@ -19,6 +19,7 @@ one :func:`register_method` call (plus :func:`~moeq.solvers.registry.register_so
 | lwc         | -         | learnable clipping    | RTN    | wikitext2   | Shao et al. 2024 (LWC only) |
 | quarot-gptq | rotation  | -                     | GPTQ, MSE clip | wikitext2 | Ashkboos et al. 2024 |
 | moequant++  | rotation  | -                     | GPTQ + AGQ, MSE clip | EBSS | Hu et al. 2025 |
+| blocktune   | -         | -                     | GPTQ, then the block tuner | wikitext2 | SignRound-style, MoE terms |
 
 ``omniquant`` is an alias of ``lwc``: OmniQuant's learnable weight clipping without its learnable
 equivalent transformation (LET); reports say so.
@@ -42,13 +43,14 @@ class Method:
     agq: bool = False  # affinity-weighted statistics (AGQ Hessians; AWQ statistics/losses for awq)
     mse_clip: bool = False
     rotate: bool = False
+    tune: bool = False  # block tuner after the solve stage (moeq.capture.tune_stage)
     exports: tuple[str, ...] = ("compressed-tensors",)
     aliases: tuple[str, ...] = ()
     note: str | None = None  # added to every report of the method
 
     def describe(self) -> str:
         extra = f" (alias: {', '.join(self.aliases)})" if self.aliases else ""
-        ranks = "one process only" if self.search in SINGLE_PROCESS else "torchrun ok"
+        ranks = "one process only" if _stage(self) in SINGLE_PROCESS else "torchrun ok"
         return (f"{self.name}{extra}: {self.summary}; calibration {self.calib or 'none'}; exports "
                 f"{', '.join(self.exports)}; {ranks}; {self.paper}")
 
@@ -56,11 +58,17 @@ class Method:
 METHODS: dict[str, Method] = {}
 ALIASES: dict[str, str] = {}
 SEARCHES = ("awq", "lwc")  # implemented by moeq.capture.awq_stage / lwc_stage
-# why a block search runs in one process only (torchrun runs are refused with this)
+# why a block search or the tuner runs in one process only (torchrun runs are refused with this)
 SINGLE_PROCESS = {
     "awq": "its scale and clip search scores every candidate on all calibration rows of a block at once",
     "lwc": "it trains clipping factors by gradient descent over all calibration rows of a block",
+    "tune": "it tunes a block's integers and scales by gradient steps over all calibration rows of the block",
 }
+
+
+def _stage(m: "Method") -> str | None:
+    """The method's single-process stage, if any (a key of SINGLE_PROCESS)."""
+    return "tune" if m.tune else m.search
 
 
 def register_method(m: Method) -> Method:
@@ -85,10 +93,10 @@ def method_names() -> list[str]:
 
 def single_process_reason(name: str) -> str | None:
     """Why ``--method name`` cannot run on several ranks (torchrun), as one line with the fix; None if it can."""
-    m = get_method(name)
-    if m.search not in SINGLE_PROCESS:
+    stage = _stage(get_method(name))
+    if stage not in SINGLE_PROCESS:
         return None
-    return (f"--method {name} runs in one process only: {SINGLE_PROCESS[m.search]}, which moeq does not yet split "
+    return (f"--method {name} runs in one process only: {SINGLE_PROCESS[stage]}, which moeq does not yet split "
             "across ranks; run it without torchrun (one process, one device)")
 
 
@@ -137,5 +145,9 @@ for _m in (
            "QuaRot, Ashkboos et al., NeurIPS 2024", mse_clip=True, rotate=True),
     Method("moequant++", "rotation + AGQ-GPTQ with MSE clip on an EBSS set", "MoEQuant, Hu et al. 2025",
            calib="ebss", agq=True, mse_clip=True, rotate=True),
+    Method("blocktune", "GPTQ, then per block signed-gradient tuning of rounding and scales against the FP block "
+           "output, with router-KL and affinity-weighted expert terms",
+           "SignRound (Cheng et al. 2023) objective, MoE terms after EAQuant / MoEQuant", tune=True,
+           aliases=("moetune",)),
 ):
     register_method(_m)

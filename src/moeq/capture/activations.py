@@ -94,6 +94,14 @@ class Activations:
         for h, kw in zip(self.hidden, self.kwargs):
             yield self._load(h), kw
 
+    def fork(self, name: str) -> "Activations":
+        """A second stream starting from these hidden states (shared, never modified in place); on disk its
+        generations go to ``folder/name``."""
+        out = Activations(list(self.hidden), self.kwargs, self.placement, self.device,
+                          self.folder / name if self.folder is not None else None, self.gen)
+        out.nbytes, out.shapes = self.nbytes, self.shapes
+        return out
+
     def propagate(self, fn: Callable[[int, torch.Tensor, dict], torch.Tensor]) -> "Activations":
         """The next block's inputs: ``fn(k, hidden, kwargs)`` per batch k, as a new generation."""
         nxt = Activations([], self.kwargs, self.placement, self.device, self.folder, self.gen + 1)

@@ -5,7 +5,8 @@ stages from the registry (:mod:`moeq.methods`):
 
 * before block 0's inputs are captured: rotate the embeddings (``rotate``);
 * on every block (:meth:`MethodRun.process`): rotate it, fold the online Hadamards (W*A*), run the
-  method's search (AWQ or LWC, :class:`~moeq.capture.loop.SearchResult`), then the solve stage;
+  method's search (AWQ or LWC, :class:`~moeq.capture.loop.SearchResult`), then the solve stage, then
+  the block tuner (``tune``: integers and scales against the FP block, :mod:`.tune_stage`);
 * after the last block: rotate the head; attach activation quantization (W*A*, in memory only).
 
 Per-block results are returned to the caller (the pipeline writes them out and checkpoints the run);
@@ -30,6 +31,7 @@ from ..transforms.rotate import (draw_rotation, fold_online_hadamard, online_had
 from .awq_stage import awq_block
 from .loop import BlockContext, SearchResult
 from .lwc_stage import lwc_block
+from .tune_stage import fp_targets, tune_solved
 from .solve import BlockSolved, SolveSpec, solve_block
 
 
@@ -60,7 +62,8 @@ def solve_spec(cfg: QuantConfig, plan: dict, storage_dtype, max_solve_memory: in
     """The solve stage's settings for a resolved config."""
     return SolveSpec(
         plan=plan, solver=get_solver(get_method(cfg.method).solver),
-        opts=SolveOptions(storage_dtype, bool(cfg.mse_clip), cfg.gptq.blocksize, cfg.gptq.damp, cfg.gptq.act_order),
+        opts=SolveOptions(storage_dtype, bool(cfg.mse_clip), cfg.gptq.blocksize, cfg.gptq.damp, cfg.gptq.act_order,
+                          positions=get_method(cfg.method).tune),
         storage_dtype=storage_dtype, agq=bool(cfg.agq), agq_gate_proj=cfg.agq_gate_proj,
         coverage_all=cfg.expert_coverage == "all", min_tokens=cfg.min_tokens, fallback=cfg.fallback,
         true_sequential=cfg.true_sequential, batched=cfg.batched_solve, max_memory=max_solve_memory, dist=dist)
@@ -80,6 +83,7 @@ class MethodRun:
             self.transforms.rotation, self.transforms.value_heads = draw_rotation(adapter, cfg.rotate_seed)
         self.online = cfg.act is not None and cfg.online_hadamard
         self.hooks: list = []  # online Hadamard / activation quantization (in-memory evaluation)
+        self.fp_stream = None  # blocktune: the FP model's activations, next to the quantized ones
         self.notes: list[str] = []
         if self.transforms.rotation is not None and self.transforms.rotation.kind != "hadamard":
             self.notes.append(f"hidden size {self.transforms.rotation.n} has no Hadamard construction: "
@@ -118,7 +122,14 @@ class MethodRun:
             search = lwc_block(ctx, self.plan, cfg.lwc, self.storage_dtype)
         tr.smooth += search.scales
         tr.clips.update(search.clips)
+        targets = None
+        if self.method.tune and ctx.acts is not None:
+            if cfg.tune.asymmetric and self.fp_stream is None:  # block 0 (a run that resumes is refused)
+                self.fp_stream = ctx.acts.fork("fp-stream")
+            targets, self.fp_stream = fp_targets(ctx, self.plan, self.fp_stream if cfg.tune.asymmetric else None)
         solved = solve_block(ctx, self.solve, search.clips, search.tokens)
+        if targets is not None:
+            search.info["tune"] = tune_solved(ctx, solved, targets, cfg.tune, self.storage_dtype)
         return BlockOutcome(solved, search, online)
 
     def round_block(self, block: torch.nn.Module) -> None:

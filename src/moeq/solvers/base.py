@@ -23,6 +23,7 @@ class QuantResult:
     g_idx: torch.Tensor | None = None  # (in,) group of each column (act-order), None = consecutive groups
     loss: float | None = None  # tr((W - W_hat) H (W - W_hat)^T): mean squared output error per calibration row
     info: dict = field(default_factory=dict)  # solver-specific facts (damp used, fallback, ...)
+    pre: torch.Tensor | None = None  # (out, in) grid position w / s + z before rounding (kept for blocktune only)
 
     def dequantize(self) -> torch.Tensor:
         """W_hat (out, in) in fp32."""
@@ -30,7 +31,8 @@ class QuantResult:
 
     def cpu(self) -> "QuantResult":
         g = self.g_idx.cpu() if self.g_idx is not None else None
-        return QuantResult(self.q.cpu(), self.scale.cpu(), self.zero.cpu(), self.args, g, self.loss, self.info)
+        pre = self.pre.cpu() if self.pre is not None else None
+        return QuantResult(self.q.cpu(), self.scale.cpu(), self.zero.cpu(), self.args, g, self.loss, self.info, pre)
 
     @property
     def numel(self) -> int:

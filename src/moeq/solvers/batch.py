@@ -40,7 +40,8 @@ def split(res: QuantResult, sizes: list[int]) -> list[QuantResult]:
     out, start = [], 0
     for n in sizes:
         sl = slice(start, start + n)
-        out.append(QuantResult(res.q[sl], res.scale[sl], res.zero[sl], res.args, res.g_idx, None, dict(res.info)))
+        out.append(QuantResult(res.q[sl], res.scale[sl], res.zero[sl], res.args, res.g_idx, None, dict(res.info),
+                               res.pre[sl] if res.pre is not None else None))
         start += n
     return out
 

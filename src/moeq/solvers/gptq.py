@@ -58,11 +58,14 @@ def _damped_cholesky_inverse(H: torch.Tensor, damp: float, max_damp: float = 1.0
 
 @torch.no_grad()
 def gptq(W: torch.Tensor, H: torch.Tensor, args: QuantArgs, *, blocksize: int = 128, damp: float = 0.01,
-         act_order: bool = False, mse_clip: bool = False, scale_dtype: torch.dtype | None = None) -> list[QuantResult]:
+         act_order: bool = False, mse_clip: bool = False, scale_dtype: torch.dtype | None = None,
+         positions: bool = False) -> list[QuantResult]:
     """Solve B linears at once. W (B, out, in) or (out, in); H (B, in, in) or (in, in), the mean of x x^T.
 
     Returns one QuantResult per linear; ``loss`` = tr((W - W_hat) H (W - W_hat)^T), the mean squared
     output error per calibration token (directly comparable with RTN's loss under the same H).
+    ``positions``: keep each weight's grid position w / s + z at its rounding (after the error feedback of
+    the columns before it) in ``QuantResult.pre``, the block tuner's start.
     """
     if W.dim() == 2:
         W, H = W[None], H[None]
@@ -97,6 +100,7 @@ def gptq(W: torch.Tensor, H: torch.Tensor, args: QuantArgs, *, blocksize: int = 
     Hinv, damp_used = _damped_cholesky_inverse(H, damp)  # (B, in, in) upper
     Q = torch.zeros_like(W)  # (B, out, in) dequantized result, permuted order
     Qint = torch.zeros_like(W)
+    P = torch.zeros_like(W) if positions else None  # (B, out, in) positions before rounding
     scale = torch.zeros(B, out, G)
     zero = torch.zeros(B, out, G)
     if static_scale is not None:
@@ -120,6 +124,8 @@ def gptq(W: torch.Tensor, H: torch.Tensor, args: QuantArgs, *, blocksize: int = 
             qi = grid_round(w, s, z, args)  # (B, out)
             q = grid_value(qi, s, z)  # (B, out)
             Qint[:, :, col], Q[:, :, col] = qi, q
+            if P is not None:
+                P[:, :, col] = w / s + z
             d = Hinv1[:, i, i]  # (B,)
             err = (w - q) / d[:, None]  # (B, out)
             W1[:, :, i:] -= err[:, :, None] * Hinv1[:, i, None, i:]  # (B, out, c-i)
@@ -130,10 +136,12 @@ def gptq(W: torch.Tensor, H: torch.Tensor, args: QuantArgs, *, blocksize: int = 
         inv = torch.argsort(perm, dim=-1)  # (B, in)
         Qint = torch.gather(Qint, 2, inv[:, None, :].expand(B, out, n))
         Q = torch.gather(Q, 2, inv[:, None, :].expand(B, out, n))
+        if P is not None:
+            P = torch.gather(P, 2, inv[:, None, :].expand(B, out, n))
 
     losses = hessian_error(Q - W0, H0)  # (B,)
     return [
         QuantResult(Qint[b].to(torch.int8), scale[b].clone(), zero[b].clone(), args, None, float(losses[b]),
-                    {"damp": float(damp_used[b]), "dead_columns": int(dead[b].sum())})
+                    {"damp": float(damp_used[b]), "dead_columns": int(dead[b].sum())}, P[b] if P is not None else None)
         for b in range(B)
     ]

@@ -26,6 +26,7 @@ class SolveOptions:
     blocksize: int = 128  # GPTQ lazy-update block
     damp: float = 0.01  # GPTQ relative damping
     act_order: bool = False  # GPTQ act-order with static groups
+    positions: bool = False  # keep each weight's grid position before rounding (QuantResult.pre; blocktune)
 
 
 SolveFn = Callable[[torch.Tensor, "torch.Tensor | None", QuantArgs, SolveOptions, "list | None"], list[QuantResult]]
@@ -55,13 +56,13 @@ def get_solver(name: str) -> Solver:
 
 
 def _rtn(W, H, args, opts, clips):
-    return [rtn(W[b], args, opts.scale_dtype, opts.mse_clip, clip=clips[b] if clips else None)
+    return [rtn(W[b], args, opts.scale_dtype, opts.mse_clip, clip=clips[b] if clips else None, positions=opts.positions)
             for b in range(W.shape[0])]
 
 
 def _gptq(W, H, args, opts, clips):
     return gptq(W, H, args, blocksize=opts.blocksize, damp=opts.damp, act_order=opts.act_order,
-                mse_clip=opts.mse_clip, scale_dtype=opts.scale_dtype)
+                mse_clip=opts.mse_clip, scale_dtype=opts.scale_dtype, positions=opts.positions)
 
 
 register_solver(Solver("rtn", _rtn, needs_hessian=False, summary="round to nearest (optionally MSE-clipped)"))

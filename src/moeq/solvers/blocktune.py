@@ -1,0 +1,149 @@
+"""Block tuning of a quantized block's integers and scales against its full-precision output, as a pure function.
+
+The start is a solved grid per linear (GPTQ's or RTN's :class:`~moeq.solvers.base.QuantResult`:
+integers q0, scales s0, zero points z). Two things are learned, SignRound-style (Cheng et al., 2023:
+signed gradient descent, a fixed number of steps, the step size decaying linearly to 0):
+
+* a rounding offset V (out, in) per weight, |V| <= ``max_offset`` (1/2): the integers are
+  clamp(round(p0 + V), qmin, qmax) where p0 = w / s0 + z is the weight's grid position when its start was
+  rounded (GPTQ: after the error feedback of the columns before it; ``QuantResult.pre``), so V = 0 is
+  the start, and weights whose position lies near a rounding boundary are the first to flip;
+* a scale factor a (out, G) per group, |a| <= ``max_scale``: the scales are s0 (1 + a) rounded to the
+  storage dtype (not on grids whose scales are fixed by the GGUF block formats: ``superblock``, ``ggml``).
+
+Roundings pass gradients straight through. Zero points stay as solved. The loss is the caller's
+``block_loss(W_hat, batch)`` (the block's output error, plus whatever MoE terms it adds). The full
+calibration loss is measured at the start and every ``check_every`` steps; the best state is returned,
+so the result never has a higher calibration loss than the start. The result is again an
+integer grid (QuantResult), exported like any other solver's.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from typing import Callable
+
+import torch
+
+from ..quant.primitives import _expand, _round_scale
+from .base import QuantResult
+
+
+@dataclass(frozen=True)
+class TuneKnobs:
+    steps: int = 100  # signed-gradient steps per block (one calibration batch each)
+    lr: float = 0.005  # initial step of V, decayed linearly to 0
+    scale_lr: float = 0.0005  # initial step of a, decayed linearly to 0
+    check_every: int = 10  # steps between measurements of the full calibration loss (the best state is kept)
+    max_offset: float = 0.5  # |V| bound: a weight rounds at most to the other neighbour of its position
+    max_scale: float = 0.2  # |a| bound: scales within +-20% of the start
+    router: float = 1.0  # weight of the router term (KL of FP to quantized routing distribution)
+    expert: float = 1.0  # weight of the affinity-weighted expert-output term
+    asymmetric: bool = True  # targets from the FP model's own stream (False: the FP block on the quantized stream)
+
+    def __post_init__(self):
+        if self.steps < 0 or self.lr <= 0 or self.scale_lr < 0 or self.check_every < 1 or not 0 < self.max_offset or not 0 <= self.max_scale < 1:
+            raise ValueError("--tune-steps must be >= 0, --tune-lr > 0, and the offset/scale bounds positive "
+                             "(scale bound below 1)")
+        if self.router < 0 or self.expert < 0:
+            raise ValueError("--tune-router and --tune-expert must be >= 0")
+
+
+def _round_ste(x: torch.Tensor) -> torch.Tensor:
+    return (x.round() - x).detach() + x
+
+
+def _scale_ste(s: torch.Tensor, scale_dtype) -> torch.Tensor:
+    return (_round_scale(s.detach(), scale_dtype) - s).detach() + s
+
+
+class _Param:
+    """The learnable state of one linear (V, a) and how it maps to weights and a QuantResult."""
+
+    def __init__(self, r: QuantResult, device, tune_scale: bool):
+        self.r = r
+        self.q0 = r.q.to(device).float()  # (out, in)
+        self.p0 = r.pre.to(device).float() if r.pre is not None else self.q0  # (out, in) start position
+        self.s0 = r.scale.to(device).float()  # (out, G)
+        self.z = r.zero.to(device).float()  # (out, G)
+        self.V = torch.zeros_like(self.q0, requires_grad=True)  # (out, in)
+        self.a = torch.zeros_like(self.s0, requires_grad=True) if tune_scale else None  # (out, G)
+
+    def tensors(self) -> list[torch.Tensor]:
+        return [self.V] + ([self.a] if self.a is not None else [])
+
+    def grid(self, scale_dtype, ste: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        """(integers (out, in) as floats, scales (out, G)) of the current state."""
+        rnd = _round_ste if ste else torch.round
+        args = self.r.args
+        q = torch.clamp(rnd(self.p0 + self.V), args.qmin, args.qmax)  # (out, in)
+        s = self.s0 if self.a is None else self.s0 * (1 + self.a)  # (out, G)
+        s = _scale_ste(s, scale_dtype) if ste else _round_scale(s, scale_dtype)
+        return q, s
+
+    def weight(self, scale_dtype) -> torch.Tensor:
+        q, s = self.grid(scale_dtype, ste=True)
+        n = q.shape[1]
+        args, g = self.r.args, self.r.g_idx
+        return (q - _expand(self.z, args, n, g)) * _expand(s, args, n, g)  # (out, in)
+
+    def result(self, scale_dtype, loss_info: dict) -> QuantResult:
+        with torch.no_grad():
+            q, s = self.grid(scale_dtype, ste=False)
+            moved = int((q != self.q0).sum())
+        return replace(self.r, q=q.to(torch.int8).cpu(), scale=s.cpu(), zero=self.r.zero.clone(), pre=None,
+                       info={**self.r.info, "tuned_moved": moved, **loss_info})
+
+    def snapshot(self) -> list[torch.Tensor]:
+        return [t.detach().clone() for t in self.tensors()]
+
+    def restore(self, snap: list[torch.Tensor]) -> None:
+        with torch.no_grad():
+            for t, v in zip(self.tensors(), snap):
+                t.copy_(v)
+
+
+def tune_block(start: dict[str, QuantResult], batches: list,
+               block_loss: Callable[[dict[str, torch.Tensor], object], torch.Tensor], knobs: TuneKnobs,
+               device, scale_dtype: torch.dtype | None = None, trace: list | None = None) -> tuple[dict[str, QuantResult], dict]:
+    """Tune the grids ``start`` ({name: QuantResult}) of one block jointly.
+
+    ``block_loss(W_hat, batch)`` returns the differentiable calibration loss of one batch with the weights
+    W_hat ({name: (out, in)}) substituted. -> ({name: tuned QuantResult}, {"loss_start", "loss_end", "kept",
+    "best_step", "steps"}): of the start and the states every ``check_every`` steps, the one with the lowest
+    full-calibration loss. ``trace`` collects each step's batch loss."""
+    params = {n: _Param(r, device, tune_scale=not (r.args.superblock or r.args.ggml)) for n, r in start.items()}
+
+    def full_loss() -> float:
+        with torch.no_grad():
+            W = {n: p.weight(scale_dtype) for n, p in params.items()}
+            return sum(float(block_loss(W, b)) for b in batches) / max(1, len(batches))
+
+    loss0 = best = full_loss()
+    best_snap, best_step = {n: p.snapshot() for n, p in params.items()}, 0
+    steps = knobs.steps if batches else 0
+    rates = (knobs.lr, knobs.scale_lr)
+    with torch.enable_grad():
+        for step in range(steps):
+            decay = 1 - step / steps  # linear decay to 0
+            W = {n: p.weight(scale_dtype) for n, p in params.items()}
+            loss = block_loss(W, batches[step % len(batches)])
+            grads = torch.autograd.grad(loss, [t for p in params.values() for t in p.tensors()], allow_unused=True)
+            with torch.no_grad():
+                it = iter(grads)
+                for p in params.values():
+                    for t, lr, bound in zip(p.tensors(), rates, (knobs.max_offset, knobs.max_scale)):
+                        g = next(it)
+                        if g is not None:
+                            t.sub_(decay * lr * g.sign()).clamp_(-bound, bound)
+            if trace is not None:
+                trace.append(float(loss))
+            if (step + 1) % knobs.check_every == 0 or step + 1 == steps:
+                now = full_loss()
+                if now < best:
+                    best, best_step, best_snap = now, step + 1, {n: p.snapshot() for n, p in params.items()}
+    for n, p in params.items():
+        p.restore(best_snap[n])
+    info = {"loss_start": loss0, "loss_end": best, "kept": "tuned" if best_step else "start", "best_step": best_step,
+            "steps": steps}
+    return {n: p.result(scale_dtype, {}) for n, p in params.items()}, info
