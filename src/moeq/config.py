@@ -125,6 +125,7 @@ class QuantConfig:
     batch_size: int = 8  # calibration sequences per forward in the block loop
     true_sequential: bool = True  # False: one statistics pass per block for all its linears (llm-compressor's way)
     batched_solve: bool = True  # solve equal-shaped linears (a layer's experts) in one batched GPTQ call
+    gptaq: bool | None = None  # GPTQ on the FP model's outputs (asymmetric calibration); None: the method's default
     agq: bool | None = None  # affinity-guided Hessians (each routed row weighted by its combine coefficient c)
     agq_gate_proj: bool = True  # also weight the experts' gate_proj (MoEQuant Eq. 17 approximation)
     awq: AWQKnobs = field(default_factory=AWQKnobs)  # with agq, AWQ statistics and losses are affinity-weighted

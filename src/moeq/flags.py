@@ -201,6 +201,9 @@ def add_quant_flags(p: argparse.ArgumentParser, method: str = "gptq", group_size
                    help="AWQ output-aware clip search after the scales (default on)")
     p.add_argument("--lwc-epochs", type=POSITIVE, default=2, help="lwc: epochs per block (default 2; OmniQuant 20)")
     p.add_argument("--lwc-lr", type=float_range(0), default=5e-2, help="lwc: learning rate (default 5e-2)")
+    p.add_argument("--gptaq", action=argparse.BooleanOptionalAction, default=None,
+                   help="GPTQ-based methods: match the FP model's outputs on its own activations (GPTAQ; default: "
+                        "the method's, on for --method gptaq)")
     p.add_argument("--tune-steps", type=int_range(0), default=100,
                    help="blocktune: signed-gradient steps per block, one calibration batch each (default 100)")
     p.add_argument("--tune-lr", type=float_range(0), default=0.005,
@@ -237,7 +240,7 @@ def quant_config(a, plan: BitPlan | None = None) -> QuantConfig:
         calib=CalibSpec(a.calib, a.nsamples, a.seqlen, a.seed, a.ebss_width, a.ebss_tau, a.ebss_no_repeat_ngram),
         gptq=GPTQKnobs(a.blocksize, a.damp, a.act_order), expert_coverage=a.expert_coverage,
         true_sequential=a.true_sequential, min_tokens=a.min_tokens, fallback=a.fallback, mse_clip=a.mse_clip,
-        batch_size=a.batch_size, agq=a.agq, agq_gate_proj=a.agq_gate_proj,
+        batch_size=a.batch_size, gptaq=a.gptaq, agq=a.agq, agq_gate_proj=a.agq_gate_proj,
         awq=AWQKnobs(grid=a.awq_grid, clip=a.awq_clip), lwc=LWCKnobs(epochs=a.lwc_epochs, lr=a.lwc_lr),
         tune=TuneKnobs(steps=a.tune_steps, lr=a.tune_lr, scale_lr=a.tune_scale_lr, router=a.tune_router,
                        expert=a.tune_expert, asymmetric=a.tune_asymmetric),

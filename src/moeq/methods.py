@@ -19,6 +19,7 @@ one :func:`register_method` call (plus :func:`~moeq.solvers.registry.register_so
 | lwc         | -         | learnable clipping    | RTN    | wikitext2   | Shao et al. 2024 (LWC only) |
 | quarot-gptq | rotation  | -                     | GPTQ, MSE clip | wikitext2 | Ashkboos et al. 2024 |
 | moequant++  | rotation  | -                     | GPTQ + AGQ, MSE clip | EBSS | Hu et al. 2025 |
+| gptaq       | -         | -                     | GPTQ on the FP model's outputs | wikitext2 | Li et al. 2025 |
 | blocktune   | -         | -                     | GPTQ, then the block tuner | wikitext2 | SignRound-style, MoE terms |
 
 ``omniquant`` is an alias of ``lwc``: OmniQuant's learnable weight clipping without its learnable
@@ -44,6 +45,7 @@ class Method:
     mse_clip: bool = False
     rotate: bool = False
     tune: bool = False  # block tuner after the solve stage (moeq.capture.tune_stage)
+    gptaq: bool = False  # GPTQ targets the FP model's outputs on its own activations (moeq.capture.fp_stream)
     exports: tuple[str, ...] = ("compressed-tensors",)
     aliases: tuple[str, ...] = ()
     note: str | None = None  # added to every report of the method
@@ -63,12 +65,13 @@ SINGLE_PROCESS = {
     "awq": "its scale and clip search scores every candidate on all calibration rows of a block at once",
     "lwc": "it trains clipping factors by gradient descent over all calibration rows of a block",
     "tune": "it tunes a block's integers and scales by gradient steps over all calibration rows of the block",
+    "gptaq": "it carries the FP model's activations next to the quantized ones in one process",
 }
 
 
 def _stage(m: "Method") -> str | None:
     """The method's single-process stage, if any (a key of SINGLE_PROCESS)."""
-    return "tune" if m.tune else m.search
+    return "tune" if m.tune else "gptaq" if m.gptaq else m.search
 
 
 def register_method(m: Method) -> Method:
@@ -116,8 +119,17 @@ def resolve_config(cfg: QuantConfig, is_moe: bool = True) -> tuple[QuantConfig, 
     out = replace(cfg, method=m.name, calib=replace(cfg.calib, source=source),
                   agq=m.agq if cfg.agq is None else cfg.agq,
                   mse_clip=m.mse_clip if cfg.mse_clip is None else cfg.mse_clip,
-                  rotate=m.rotate if cfg.rotate is None else cfg.rotate)
+                  rotate=m.rotate if cfg.rotate is None else cfg.rotate,
+                  gptaq=m.gptaq if cfg.gptaq is None else cfg.gptaq)
+    if out.gptaq and m.solver != "gptq":
+        raise ValueError(f"--gptaq changes GPTQ's target, and --method {m.name} does not solve with GPTQ; "
+                         "use a GPTQ-based method (gptq, moequant, quarot-gptq, moequant++, blocktune)")
     return out, notes
+
+
+def fp_stream_needed(cfg: QuantConfig) -> bool:
+    """Whether a resolved config carries the FP model's activations next to the quantized ones."""
+    return bool(cfg.gptaq) or (get_method(cfg.method).tune and cfg.tune.asymmetric)
 
 
 def needs_calibration(cfg: QuantConfig) -> bool:
@@ -145,6 +157,8 @@ for _m in (
            "QuaRot, Ashkboos et al., NeurIPS 2024", mse_clip=True, rotate=True),
     Method("moequant++", "rotation + AGQ-GPTQ with MSE clip on an EBSS set", "MoEQuant, Hu et al. 2025",
            calib="ebss", agq=True, mse_clip=True, rotate=True),
+    Method("gptaq", "GPTQ whose target is the FP model's output on its own activations (asymmetric calibration)",
+           "GPTAQ, Li et al. 2025 (arXiv 2504.02692)", gptaq=True),
     Method("blocktune", "GPTQ, then per block signed-gradient tuning of rounding and scales against the FP block "
            "output, with router-KL and affinity-weighted expert terms",
            "SignRound (Cheng et al. 2023) objective, MoE terms after EAQuant / MoEQuant", tune=True,

@@ -36,7 +36,7 @@ from .export.containers import run_storage, stored_bits, widened_count
 from .export.formats import check_formats, drop_compressed_tensors, finish_formats, ggml_grid
 from .export.partial import PartialRun, model_fingerprint
 from .export.writer import PartWriter
-from .methods import get_method, needs_calibration, resolve_config
+from .methods import fp_stream_needed, needs_calibration, resolve_config
 from .models.adapter import ModelAdapter
 from .models.lazy import CheckpointSource, ResidentSource, module_bytes
 from .models.loading import Loaded, compute_dtype, load_tokenizer, open_checkpoint
@@ -183,9 +183,9 @@ def quantize(model: str | None, cfg: QuantConfig, out: str | Path | None, *, dev
         # rank 0's partial run decides for every rank; the others keep their activations in it too
         start, state, pdir = dist.broadcast((start, state, str(partial.dir) if partial is not None else None))
         rank_dir = Path(pdir) / f"acts-rank{dist.rank}" if pdir and not dist.main else None
-        if start and get_method(cfg.method).tune and cfg.tune.asymmetric:
-            raise ValueError(f"--method {cfg.method} cannot resume: its FP activation stream is not checkpointed; "
-                             "pass --overwrite to start over (or --no-tune-asymmetric, whose targets need no stream)")
+        if start and fp_stream_needed(cfg):
+            raise ValueError(f"this --method {cfg.method} run cannot resume: the FP activation stream it carries "
+                             "(GPTAQ, blocktune's asymmetric targets) is not checkpointed; pass --overwrite to start over")
         if start and cfg.act is not None:
             raise ValueError("a W*A* fake-quant run cannot resume (its evaluation needs every block in memory); "
                              "pass --overwrite to start over")

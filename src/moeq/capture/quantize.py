@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..config import QuantConfig
-from ..methods import get_method
+from ..methods import fp_stream_needed, get_method
 from ..models.adapter import ModelAdapter
 from ..quant.act import attach_act_quant
 from ..solvers.registry import SolveOptions, get_solver
@@ -31,7 +31,8 @@ from ..transforms.rotate import (draw_rotation, fold_online_hadamard, online_had
 from .awq_stage import awq_block
 from .loop import BlockContext, SearchResult
 from .lwc_stage import lwc_block
-from .tune_stage import fp_targets, tune_solved
+from .fp_stream import fp_pass
+from .tune_stage import tune_solved
 from .solve import BlockSolved, SolveSpec, solve_block
 
 
@@ -83,7 +84,7 @@ class MethodRun:
             self.transforms.rotation, self.transforms.value_heads = draw_rotation(adapter, cfg.rotate_seed)
         self.online = cfg.act is not None and cfg.online_hadamard
         self.hooks: list = []  # online Hadamard / activation quantization (in-memory evaluation)
-        self.fp_stream = None  # blocktune: the FP model's activations, next to the quantized ones
+        self.fp_stream = None  # GPTAQ / blocktune: the FP model's activations, next to the quantized ones
         self.notes: list[str] = []
         if self.transforms.rotation is not None and self.transforms.rotation.kind != "hadamard":
             self.notes.append(f"hidden size {self.transforms.rotation.n} has no Hadamard construction: "
@@ -122,12 +123,15 @@ class MethodRun:
             search = lwc_block(ctx, self.plan, cfg.lwc, self.storage_dtype)
         tr.smooth += search.scales
         tr.clips.update(search.clips)
-        targets = None
-        if self.method.tune and ctx.acts is not None:
-            if cfg.tune.asymmetric and self.fp_stream is None:  # block 0 (a run that resumes is refused)
+        fp = None
+        if ctx.acts is not None and (self.method.tune or fp_stream_needed(cfg)):
+            if fp_stream_needed(cfg) and self.fp_stream is None:  # block 0 (a run that resumes is refused)
                 self.fp_stream = ctx.acts.fork("fp-stream")
-            targets, self.fp_stream = fp_targets(ctx, self.plan, self.fp_stream if cfg.tune.asymmetric else None)
-        solved = solve_block(ctx, self.solve, search.clips, search.tokens)
+            fp = fp_pass(ctx, self.plan, self.fp_stream if fp_stream_needed(cfg) else None, inputs=bool(cfg.gptaq))
+            if fp.stream is not None:
+                self.fp_stream = fp.stream
+        solved = solve_block(ctx, self.solve, search.clips, search.tokens, fp.inputs if fp is not None else None)
+        targets = fp if self.method.tune else None
         if targets is not None:
             search.info["tune"] = tune_solved(ctx, solved, targets, cfg.tune, self.storage_dtype)
         return BlockOutcome(solved, search, online)

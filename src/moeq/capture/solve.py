@@ -23,6 +23,7 @@ import torch
 
 from ..quant.primitives import QuantArgs
 from ..solvers.base import QuantResult
+from ..solvers.gptq import gptaq_target
 from ..solvers.batch import Task, add_expert_hessian, assign_fallbacks, is_dead, solve_tasks
 from ..solvers.registry import Solver, SolveOptions
 from ..utils.dist import Dist
@@ -100,6 +101,7 @@ def _tasks(ctx, names, gs: GroupStats | None, spec: SolveSpec, clips, tokens, ra
             owners.setdefault(owner, []).append(full)
     infos = {li.name: li for li in ctx.adapter.block_linears(ctx.i)}
     tasks = []
+    damp = getattr(spec.opts, "damp", 0.01)
     for owner, members in owners.items():
         st = gs.stats.get(owner) if gs else None
         by_args: dict = {}
@@ -109,8 +111,13 @@ def _tasks(ctx, names, gs: GroupStats | None, spec: SolveSpec, clips, tokens, ra
             Ws = [ctx.adapter.module(m).weight.data for m in ms]
             for m, W in zip(ms, Ws):
                 args.check_width(W.shape[1], m)
+            W = torch.cat(Ws, 0).float()  # (sum out, in)
+            C = st.cross_mean() if st is not None else None
+            H = st.take_mean() if st is not None else None
+            if C is not None:  # GPTAQ: GPTQ on the least-squares target of the FP outputs
+                W = gptaq_target(W, H, C, damp)
             tasks.append(Task(
-                names=ms, W=torch.cat(Ws, 0).float(), H=st.take_mean() if st is not None else None, args=args,
+                names=ms, W=W, H=H, args=args,
                 tokens=st.routed if st is not None else tokens.get(ms[0], 0), rows=st.rows if st is not None else 0,
                 expert=infos[ms[0]].role == "expert", sizes=[W.shape[0] for W in Ws],
                 clip=tuple(torch.cat([clips[m][j] for m in ms]) for j in (0, 1)) if all(m in clips for m in ms)
@@ -145,10 +152,11 @@ def _mark(solved: dict, spec: SolveSpec) -> dict:
 
 @torch.no_grad()
 def solve_block(ctx: BlockContext, spec: SolveSpec, clips: dict | None = None,
-                tokens: dict | None = None) -> BlockSolved:
+                tokens: dict | None = None, fp_inputs=None) -> BlockSolved:
     """Quantize every planned linear of block ``ctx.i`` in place (fake-quant weights); ``clips``: searched
     (lo, hi) range factors per linear (AWQ clip, LWC); ``tokens``: routed rows per linear when a search
-    measured them (data-free solvers report those)."""
+    measured them (data-free solvers report those); ``fp_inputs`` (GPTAQ): the FP model's input rows of
+    the block's linears (:class:`moeq.capture.fp_stream.FPInputs`)."""
     out = BlockSolved()
     clips, tokens = clips or {}, tokens or {}
     calibrated = spec.solver.needs_hessian and ctx.acts is not None
@@ -168,8 +176,10 @@ def solve_block(ctx: BlockContext, spec: SolveSpec, clips: dict | None = None,
                 routed = any(infos[n].role == "expert" for n in modules)  # experts may not all run
                 with ctx.adapter.routing(ctx.i, spec.coverage_all) as r:
                     unweighted = () if spec.agq_gate_proj else (gate,)
+                    if fp_inputs is not None:
+                        fp_inputs.routing = r
                     gs = GroupStats(modules, ctx.device, row_weight_fn(r, spec.agq, unweighted),
-                                    stop_when_complete=not routed)
+                                    stop_when_complete=not routed, fp_rows=fp_inputs.rows if fp_inputs else None)
                     with gs:
                         ctx.forward(before_batch=gs.new_forward)
                 share_stats(gs, spec.dist)

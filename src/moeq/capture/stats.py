@@ -60,21 +60,31 @@ class HessianStats:
 
     def __init__(self, n_in: int, device):
         self.H = torch.zeros(n_in, n_in, dtype=torch.float64, device=device)  # (in, in)
+        self.C = None  # GPTAQ: running sum of (x_fp - x) x^T (in, in) fp64, when FP rows are given
         self.rows = 0  # rows accumulated (all rows when coverage is "all")
         self.routed = 0  # of which routed to this module (== rows outside experts)
         self._divided = False
 
-    def add(self, x: torch.Tensor, weight: torch.Tensor | None = None, routed: int | None = None) -> None:
+    def add(self, x: torch.Tensor, weight: torch.Tensor | None = None, routed: int | None = None,
+            x_fp: torch.Tensor | None = None) -> None:
         x = x.reshape(-1, x.shape[-1]).float()  # (r, in)
-        if weight is not None:
-            x = x * weight.float().clamp_min(0).sqrt()[:, None]  # rows scaled by sqrt(c)
+        root = weight.float().clamp_min(0).sqrt()[:, None] if weight is not None else None  # (r, 1)
+        if root is not None:
+            x = x * root  # rows scaled by sqrt(c)
         self.H.add_(x.T @ x)  # one fp32 matmul over all rows (no loop over tokens), added in fp64
+        if x_fp is not None:  # GPTAQ's cross term, weighted like H
+            d = x_fp.reshape(x.shape).float() * (root if root is not None else 1) - x  # (r, in)
+            self.C = (d.T @ x).double() if self.C is None else self.C.add_(d.T @ x)
         self.rows += x.shape[0]
         self.routed += x.shape[0] if routed is None else int(routed)
 
     def mean(self) -> torch.Tensor:
         """H / rows: the mean of c x x^T per calibration row (in, in) fp32."""
         return self.H.float() / max(1, self.rows)
+
+    def cross_mean(self) -> torch.Tensor | None:
+        """GPTAQ: mean (x_fp - x) x^T per calibration row (in, in) fp32, None without FP rows."""
+        return None if self.C is None else self.C.float() / max(1, self.rows)
 
     def take_mean(self) -> torch.Tensor:
         """The mean; the fp64 sum is released (replaced by the fp32 mean) afterwards."""
@@ -93,8 +103,11 @@ class GroupStats:
     identity within the same parent module (so different experts never alias each other).
     """
 
-    def __init__(self, modules: dict[str, nn.Module], device, row_weight=None, stop_when_complete: bool = False):
+    def __init__(self, modules: dict[str, nn.Module], device, row_weight=None, stop_when_complete: bool = False,
+                 fp_rows=None):
         self.modules, self.device, self.row_weight = modules, device, row_weight
+        self.fp_rows = fp_rows  # GPTAQ: (name, batch k, rows) -> the FP model's paired input rows, or None
+        self.batch = -1  # index of the current forward's calibration batch
         self.stats: dict[str, HessianStats] = {}
         self.alias: dict[str, str] = {}
         self._seen: dict[tuple, str] = {}
@@ -105,6 +118,7 @@ class GroupStats:
         self.stop_when_complete = stop_when_complete
 
     def new_forward(self) -> None:
+        self.batch += 1
         self._seen.clear()
         self._called.clear()
 
@@ -128,7 +142,9 @@ class GroupStats:
                 self._seen[key] = name
                 if name not in self.stats:
                     self.stats[name] = HessianStats(x.shape[-1], self.device)
-                self.stats[name].add(x, w, routed)
+                rows = x.reshape(-1, x.shape[-1]).shape[0]
+                x_fp = self.fp_rows(name, self.batch, rows) if self.fp_rows is not None else None
+                self.stats[name].add(x, w, routed, x_fp)
             self._maybe_stop(name)
         return hook
 

@@ -1,11 +1,10 @@
 """The block tuner (``--method blocktune``) as a stage of the one block loop, after the solve stage.
 
-For block i, before the solve stage runs (:func:`fp_targets`): the full-precision block's outputs and router
-logits, and a copy of its FP weights. With ``asymmetric`` (the default) the targets come from the FP
-model's own stream: the FP block applied to the FP previous blocks' outputs, carried next to the quantized
-stream (``fp_stream``, one more activation set), so the tuned block also corrects the drift the earlier
-quantized blocks left in its inputs and its routing (the FP model's own expert choices are the router
-target). Without it the FP block reads the quantized stream, as auto-round's default does. After GPTQ has solved the block (:func:`tune_solved`), its integers and
+For block i, before the solve stage runs (:func:`moeq.capture.fp_stream.fp_pass`): the full-precision
+block's outputs and router logits, and a copy of its FP weights. With ``asymmetric`` (the default) the
+targets come from the FP model's own stream (:mod:`.fp_stream`), so the tuned block also corrects the drift
+the earlier quantized blocks left in its inputs and its routing (the FP model's own expert choices are the
+router target). Without it the FP block reads the quantized stream, as auto-round's default does. After GPTQ has solved the block (:func:`tune_solved`), its integers and
 scales are tuned jointly (:func:`moeq.solvers.blocktune.tune_block`) to minimise
 
     ||y_q - y_fp||^2 / ||y_fp||^2                                  block output, relative
@@ -22,56 +21,15 @@ tuned grids are written back. Dense blocks get the output term alone.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 import torch.nn.functional as F
 from torch.func import functional_call
 
 from ..solvers.blocktune import TuneKnobs, tune_block
-from .activations import Activations
-from .hooks import _to, block_output
+from .fp_stream import FPPass
+from .hooks import _to
 from .loop import BlockContext
 from .solve import BlockSolved, _write_back
-
-
-@dataclass
-class FPTargets:
-    outputs: list[torch.Tensor]  # FP block output per batch (b, T, H), on the device
-    router_logits: list[torch.Tensor | None]  # FP router logits per batch (N, E)
-    weights: dict[str, torch.Tensor]  # FP weight (out, in) of every planned linear (full name)
-
-
-def _router_input_hook(store: list):
-    def hook(mod, args):
-        store.append(args[0].reshape(-1, args[0].shape[-1]))  # (N, H)
-    return hook
-
-
-@torch.no_grad()
-def fp_targets(ctx: BlockContext, plan: dict, fp_stream: Activations | None = None
-               ) -> tuple[FPTargets, Activations | None]:
-    """What the tuner matches, taken before block ``ctx.i`` is quantized: the FP block on ``fp_stream``
-    (the FP model's inputs of this block; None: the quantized stream). -> (targets, the FP stream's next
-    generation: block i+1's FP inputs)."""
-    router = ctx.adapter.router(ctx.i)
-    seen: list = []
-    handle = router.register_forward_pre_hook(_router_input_hook(seen)) if router is not None else None
-    nxt = None
-    try:
-        if fp_stream is None:
-            outputs = ctx.outputs()  # (b, T, H) each
-        else:
-            nxt = fp_stream.propagate(lambda k, h, kw: block_output(ctx.block, h, kw, ctx.device))
-            nxt.prune()  # on disk: the FP stream's older generations go
-            outputs = [h.to(ctx.device) for h, _ in nxt]  # (b, T, H) each
-    finally:
-        if handle is not None:
-            handle.remove()
-    logits = [F.linear(x.float(), router.weight.float()) for x in seen] if router is not None else [None] * len(outputs)
-    weights = {li.name: ctx.adapter.module(li.name).weight.data.detach().clone()
-               for li in ctx.adapter.block_linears(ctx.i) if plan.get(li.name) is not None}
-    return FPTargets(outputs, logits, weights), nxt
 
 
 def _mlp(mod, W: dict[str, torch.Tensor], x: torch.Tensor, names) -> torch.Tensor:
@@ -111,7 +69,8 @@ class _MoETerms:
     def __enter__(self):
         self.handles, self.err, self.norm, self.router_in = [], 0.0, 0.0, []
         if self.router is not None:
-            self.handles.append(self.router.register_forward_pre_hook(_router_input_hook(self.router_in)))
+            self.handles.append(self.router.register_forward_pre_hook(
+                lambda mod, args: self.router_in.append(args[0].reshape(-1, args[0].shape[-1]))))
         self._routing = self.ctx.adapter.routing(self.ctx.i)
         obs = self._routing.__enter__()
         for name, mod in self.parents.items():
@@ -130,7 +89,7 @@ class _MoETerms:
         return F.kl_div(F.log_softmax(lq, -1), F.log_softmax(fp_logits, -1), log_target=True, reduction="batchmean")
 
 
-def tune_solved(ctx: BlockContext, solved: BlockSolved, targets: FPTargets, knobs: TuneKnobs,
+def tune_solved(ctx: BlockContext, solved: BlockSolved, targets: FPPass, knobs: TuneKnobs,
                 storage_dtype: torch.dtype | None) -> dict:
     """Tune block ``ctx.i``'s solved grids in place (results, report rows and the block's weights). -> info."""
     names = [n for n in solved.results if n in targets.weights]

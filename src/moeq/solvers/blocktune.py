@@ -34,7 +34,7 @@ class TuneKnobs:
     steps: int = 100  # signed-gradient steps per block (one calibration batch each)
     lr: float = 0.005  # initial step of V, decayed linearly to 0
     scale_lr: float = 0.0005  # initial step of a, decayed linearly to 0
-    check_every: int = 10  # steps between measurements of the full calibration loss (the best state is kept)
+    check_every: int = 25  # steps between measurements of the full calibration loss (the best state is kept)
     max_offset: float = 0.5  # |V| bound: a weight rounds at most to the other neighbour of its position
     max_scale: float = 0.2  # |a| bound: scales within +-20% of the start
     router: float = 1.0  # weight of the router term (KL of FP to quantized routing distribution)

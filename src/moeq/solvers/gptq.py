@@ -57,6 +57,18 @@ def _damped_cholesky_inverse(H: torch.Tensor, damp: float, max_damp: float = 1.0
 
 
 @torch.no_grad()
+def gptaq_target(W: torch.Tensor, H: torch.Tensor, C: torch.Tensor, damp: float = 0.01) -> torch.Tensor:
+    """GPTAQ (Li et al., 2025): the weights whose outputs on the quantized inputs X~ best match the FP
+    model's outputs W X. With H = X~ X~^T / n and C = (X - X~) X~^T / n,
+    ||W X - Q X~||^2 = ||(W' - Q) X~||^2 + const for W' = W + W C H^-1, so GPTQ on (W', H) minimises the
+    asymmetric objective. H is damped like GPTQ's. W (out, in), H and C (in, in) -> W' (out, in)."""
+    n = H.shape[0]
+    Hd = H.double() + damp * float(torch.diagonal(H).mean()) * torch.eye(n, dtype=torch.float64, device=H.device)
+    WC = W.double() @ C.double()  # (out, in)
+    return (W.double() + torch.linalg.solve(Hd, WC.T).T).float()  # Hd symmetric: (WC) Hd^-1 = (Hd^-1 (WC)^T)^T
+
+
+@torch.no_grad()
 def gptq(W: torch.Tensor, H: torch.Tensor, args: QuantArgs, *, blocksize: int = 128, damp: float = 0.01,
          act_order: bool = False, mse_clip: bool = False, scale_dtype: torch.dtype | None = None,
          positions: bool = False) -> list[QuantResult]:
