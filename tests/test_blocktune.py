@@ -22,11 +22,11 @@ ARGS = QuantArgs(2, 16, True)
 def _toy():
     """A two-layer MLP 'block' y = W2 relu(W1 x), its calibration batches and GPTQ starts for both linears."""
     fp = {"l1": torch.randn(32, 48, generator=G) * 0.3, "l2": torch.randn(48, 32, generator=G) * 0.3}  # (out, in)
-    xs = [torch.randn(64, 48, generator=G) for _ in range(4)]  # batches (n, in)
+    xs = [torch.randn(64, 48, generator=G) for _ in range(16)]  # batches (n, in); the last 2 held out
     batches = [(x, None) for x in xs]
-    H1 = sum(x.T @ x for x in xs) / (4 * 64)  # (48, 48)
+    H1 = sum(x.T @ x for x in xs) / (16 * 64)  # (48, 48)
     h = [torch.relu(x @ fp["l1"].T) for x in xs]  # (n, 32)
-    H2 = sum(a.T @ a for a in h) / (4 * 64)
+    H2 = sum(a.T @ a for a in h) / (16 * 64)
     start = {"l1": gptq(fp["l1"], H1, ARGS, positions=True)[0], "l2": gptq(fp["l2"], H2, ARGS, positions=True)[0]}
 
     def block_loss(W, batch):

@@ -208,8 +208,8 @@ def add_quant_flags(p: argparse.ArgumentParser, method: str = "gptq", group_size
                    help="blocktune: signed-gradient steps per block, one calibration batch each (default 100)")
     p.add_argument("--tune-lr", type=float_range(0), default=0.005,
                    help="blocktune: initial step of the rounding offsets, decayed linearly to 0 (default 0.005)")
-    p.add_argument("--tune-scale-lr", type=float_range(0, None, lo_closed=True), default=0.0005,
-                   help="blocktune: initial step of the scale factors (default 0.0005; 0 keeps the solved scales)")
+    p.add_argument("--tune-scale-lr", type=float_range(0, None, lo_closed=True), default=0.001,
+                   help="blocktune: initial step of the scale factors (default 0.001; 0 keeps the solved scales)")
     p.add_argument("--tune-router", type=float_range(0, None, lo_closed=True), default=1.0,
                    help="blocktune: weight of the router KL term (default 1; 0 turns it off)")
     p.add_argument("--tune-expert", type=float_range(0, None, lo_closed=True), default=1.0,

@@ -20,7 +20,7 @@ one :func:`register_method` call (plus :func:`~moeq.solvers.registry.register_so
 | quarot-gptq | rotation  | -                     | GPTQ, MSE clip | wikitext2 | Ashkboos et al. 2024 |
 | moequant++  | rotation  | -                     | GPTQ + AGQ, MSE clip | EBSS | Hu et al. 2025 |
 | gptaq       | -         | -                     | GPTQ on the FP model's outputs | wikitext2 | Li et al. 2025 |
-| blocktune   | -         | -                     | GPTQ, then the block tuner | wikitext2 | SignRound-style, MoE terms |
+| blocktune   | -         | -                     | GPTAQ, then the block tuner | wikitext2 | SignRound-style, MoE terms |
 
 ``omniquant`` is an alias of ``lwc``: OmniQuant's learnable weight clipping without its learnable
 equivalent transformation (LET); reports say so.
@@ -159,9 +159,9 @@ for _m in (
            calib="ebss", agq=True, mse_clip=True, rotate=True),
     Method("gptaq", "GPTQ whose target is the FP model's output on its own activations (asymmetric calibration)",
            "GPTAQ, Li et al. 2025 (arXiv 2504.02692)", gptaq=True),
-    Method("blocktune", "GPTQ, then per block signed-gradient tuning of rounding and scales against the FP block "
+    Method("blocktune", "GPTAQ, then per block signed-gradient tuning of rounding and scales against the FP block "
            "output, with router-KL and affinity-weighted expert terms",
-           "SignRound (Cheng et al. 2023) objective, MoE terms after EAQuant / MoEQuant", tune=True,
+           "SignRound (Cheng et al. 2023) objective, MoE terms after EAQuant / MoEQuant", tune=True, gptaq=True,
            aliases=("moetune",)),
 ):
     register_method(_m)

@@ -13,8 +13,10 @@ signed gradient descent, a fixed number of steps, the step size decaying linearl
 
 Roundings pass gradients straight through. Zero points stay as solved. The loss is the caller's
 ``block_loss(W_hat, batch)`` (the block's output error, plus whatever MoE terms it adds). The full
-calibration loss is measured at the start and every ``check_every`` steps; the best state is returned,
-so the result never has a higher calibration loss than the start. The result is again an
+calibration loss is measured at the start and every ``check_every`` steps, together with the loss on
+held-out calibration batches (the last eighth, which the steps never see); the state with the lowest
+held-out loss among those that also lower the whole calibration loss is returned (else the start), so the
+result never has a higher calibration loss than the start and stops before it overfits. The result is again an
 integer grid (QuantResult), exported like any other solver's.
 """
 
@@ -33,7 +35,7 @@ from .base import QuantResult
 class TuneKnobs:
     steps: int = 100  # signed-gradient steps per block (one calibration batch each)
     lr: float = 0.005  # initial step of V, decayed linearly to 0
-    scale_lr: float = 0.0005  # initial step of a, decayed linearly to 0
+    scale_lr: float = 0.001  # initial step of a, decayed linearly to 0
     check_every: int = 25  # steps between measurements of the full calibration loss (the best state is kept)
     max_offset: float = 0.5  # |V| bound: a weight rounds at most to the other neighbour of its position
     max_scale: float = 0.2  # |a| bound: scales within +-20% of the start
@@ -110,16 +112,25 @@ def tune_block(start: dict[str, QuantResult], batches: list,
 
     ``block_loss(W_hat, batch)`` returns the differentiable calibration loss of one batch with the weights
     W_hat ({name: (out, in)}) substituted. -> ({name: tuned QuantResult}, {"loss_start", "loss_end", "kept",
-    "best_step", "steps"}): of the start and the states every ``check_every`` steps, the one with the lowest
-    full-calibration loss. ``trace`` collects each step's batch loss."""
+    "best_step", "steps", held-out figures}): the start or the state chosen as the module docstring says.
+    ``trace`` collects each step's batch loss."""
     params = {n: _Param(r, device, tune_scale=not (r.args.superblock or r.args.ggml)) for n, r in start.items()}
 
-    def full_loss() -> float:
+    # the last eighth of the batches (at least one, when there are 4 or more) is held out of the steps:
+    # a state is kept only if it lowers both the whole calibration loss and the held-out loss (no overfit)
+    n_hold = len(batches) // 8 if len(batches) >= 8 else int(len(batches) >= 4)
+    train = batches[:len(batches) - n_hold]
+
+    def losses() -> tuple[float, float]:
+        """(mean loss over every calibration batch, mean over the held-out ones: the whole mean if none)."""
         with torch.no_grad():
             W = {n: p.weight(scale_dtype) for n, p in params.items()}
-            return sum(float(block_loss(W, b)) for b in batches) / max(1, len(batches))
+            each = [float(block_loss(W, b)) for b in batches]
+        held = each[len(train):] or each
+        return sum(each) / max(1, len(each)), sum(held) / max(1, len(held))
 
-    loss0 = best = full_loss()
+    loss0, hold0 = losses()
+    best, best_hold = loss0, hold0
     best_snap, best_step = {n: p.snapshot() for n, p in params.items()}, 0
     steps = knobs.steps if batches else 0
     rates = (knobs.lr, knobs.scale_lr)
@@ -127,7 +138,7 @@ def tune_block(start: dict[str, QuantResult], batches: list,
         for step in range(steps):
             decay = 1 - step / steps  # linear decay to 0
             W = {n: p.weight(scale_dtype) for n, p in params.items()}
-            loss = block_loss(W, batches[step % len(batches)])
+            loss = block_loss(W, train[step % len(train)])
             grads = torch.autograd.grad(loss, [t for p in params.values() for t in p.tensors()], allow_unused=True)
             with torch.no_grad():
                 it = iter(grads)
@@ -137,13 +148,14 @@ def tune_block(start: dict[str, QuantResult], batches: list,
                         if g is not None:
                             t.sub_(decay * lr * g.sign()).clamp_(-bound, bound)
             if trace is not None:
-                trace.append(float(loss))
+                trace.append(float(loss.detach()))
             if (step + 1) % knobs.check_every == 0 or step + 1 == steps:
-                now = full_loss()
-                if now < best:
-                    best, best_step, best_snap = now, step + 1, {n: p.snapshot() for n, p in params.items()}
+                now, now_hold = losses()
+                if now < loss0 and now_hold < best_hold:
+                    best, best_hold, best_step = now, now_hold, step + 1
+                    best_snap = {n: p.snapshot() for n, p in params.items()}
     for n, p in params.items():
         p.restore(best_snap[n])
-    info = {"loss_start": loss0, "loss_end": best, "kept": "tuned" if best_step else "start", "best_step": best_step,
-            "steps": steps}
+    info = {"loss_start": loss0, "loss_end": best, "heldout_start": hold0, "heldout_end": best_hold,
+            "heldout_batches": n_hold, "kept": "tuned" if best_step else "start", "best_step": best_step, "steps": steps}
     return {n: p.result(scale_dtype, {}) for n, p in params.items()}, info
