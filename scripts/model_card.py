@@ -32,6 +32,23 @@ def _stages(log: dict) -> list[dict]:
     return out[::-1]
 
 
+def _first_revision(stages: list[dict]) -> bool:
+    """Stage 1 trained by the script's first revision (its log has no per-layer balance coefficient)."""
+    return "balance_coef" not in stages[0]
+
+
+def _shared(cfg) -> str:
+    if getattr(cfg, "shared_expert_intermediate_size", 0):
+        return f"1, intermediate {cfg.shared_expert_intermediate_size}, sigmoid-gated"
+    n = getattr(cfg, "n_shared_experts", 0) or 0
+    return f"{n} (one MLP of intermediate {n * cfg.moe_intermediate_size}), ungated" if n else "none"
+
+
+def _dense(cfg) -> str:
+    k = getattr(cfg, "first_k_dense_replace", 0) or 0
+    return f"the first {k} (MLP intermediate {cfg.intermediate_size})" if k else "none"
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("model_dir")
@@ -60,7 +77,7 @@ def main():
         f"| hidden size | {cfg.hidden_size} |\n| attention heads / kv heads | {cfg.num_attention_heads} / "
         f"{cfg.num_key_value_heads} |\n| routed experts / top-k | {ad.num_experts} / {ad.top_k} |\n"
         f"| expert intermediate size | {getattr(cfg, 'moe_intermediate_size', None) or cfg.intermediate_size} |\n"
-        f"| shared expert | {getattr(cfg, 'shared_expert_intermediate_size', 0) or 'none'} |\n"
+        f"| shared expert | {_shared(cfg)} |\n| dense (non-MoE) blocks | {_dense(cfg)} |\n"
         f"| vocabulary | {cfg.vocab_size} (byte-level BPE trained on the same corpus) |\n"
         f"| context | {cfg.max_position_embeddings} |\n| weights on disk | {size / 2**20:.1f} MiB (bf16) |",
         "",
@@ -90,9 +107,9 @@ def main():
         "Held-out loss: 0.5% of the corpus documents, never trained on. Expert splits: before a stage, every "
         "expert below the `--revive` fraction of its uniform share on 8 training batches became a copy of the "
         "layer's busiest expert (router row plus a little noise), which the balance loss then pulls apart; a "
-        "dead expert gets almost no gradient from the balance loss alone. Stage 1 was trained by the "
-        "first revision of the script (commit 886f0d3), whose pooled aux loss let single layers starve experts; "
-        "the later stages fix that.",
+        "dead expert gets almost no gradient from the balance loss alone." + (
+            " Stage 1 was trained by the first revision of the script (commit 886f0d3), whose pooled aux loss let "
+            "single layers starve experts; the later stages fix that." if _first_revision(stages) else ""),
         "",
         f"## Evaluation (moeq eval, non-overlapping {seqlen}-token windows)",
         "",
@@ -109,10 +126,12 @@ def main():
     starved = [i for i, r in usage["layers"].items() if r["min_rel_share"] < 0.2]
     lines += ["", "No expert is starved (every expert gets at least 20% of its uniform share)." if not starved
               else f"Layers with an expert below 20% of its uniform share: {starved}.", "",
-              "Reproduce: stage 1 with commit 886f0d3's script, then for each later stage "
-              "`python scripts/train_bundled_model.py --arch ARCH --init PREV --tokenizer PREV --steps S --lr LR "
+              ("Reproduce: stage 1 with commit 886f0d3's script, then for each later stage " if _first_revision(stages)
+               else "Reproduce: for each stage ") +
+              "`python scripts/train_bundled_model.py --arch ARCH [--init PREV] --tokenizer PREV --steps S --lr LR "
               "--warmup W --balance-coef C [--revive R] --threads 1 --bf16 --out NEXT` with the stage's figures "
-              "from `train_log.json` (`init_log` holds the earlier stages), then `python scripts/model_card.py DIR`.",
+              "from `train_log.json` (`init_log` holds the earlier stages; the first stage starts from random "
+              "weights with the bundled tokenizer), then `python scripts/model_card.py DIR`.",
               ""]
     (d / "MODEL_CARD.md").write_text("\n".join(lines))
     print("\n".join(lines))

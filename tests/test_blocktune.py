@@ -10,6 +10,7 @@ import transformers as T
 
 from moeq.calib.windows import calibration_windows
 from moeq.config import BitPlan, CalibSpec, QuantConfig
+from moeq.models.loading import cast_floating
 from moeq.pipeline import quantize
 from moeq.quant.primitives import QuantArgs
 from moeq.solvers.blocktune import TuneKnobs, tune_block
@@ -105,3 +106,21 @@ def test_router_term_reduces_topk_disagreement(tiny_ckpt, tokenizer):
         _, m = quantize(str(ckpt), cfg, None, skip_eval=True, return_model=True)
         agreement[router] = _topk_agreement(m, fp, ids)
     assert 1 - agreement[20.0] < 0.9 * (1 - agreement[0.0]), agreement
+
+
+def test_tuned_integers_reload_exactly(tiny_ckpt, tmp_path):
+    """The export holds the tuned grid: transformers reloads it with moeq's in-memory logits, and the tuner did
+    move integers (so the check is not one of an untouched GPTQ/RTN grid)."""
+    ckpt = tiny_ckpt("mixtral")
+    cfg = QuantConfig(method="blocktune", plan=BitPlan(default=QuantArgs(2, 32, True)),
+                      calib=CalibSpec("wikitext2", nsamples=16, seqlen=64), tune=TuneKnobs(steps=30))
+    rep, m = quantize(str(ckpt), cfg, tmp_path / "o", skip_eval=True, return_model=True)
+    rows = rep["modules"]
+    assert sum(r.get("tuned_moved", 0) for r in rows) > 0
+    assert any(r["tune_block_loss"]["kept"] == "tuned" for r in rows)
+    ids = torch.randint(0, 8192, (2, 24), generator=torch.Generator().manual_seed(3))
+    r = T.AutoModelForCausalLM.from_pretrained(tmp_path / "o").eval()
+    with torch.no_grad():
+        r(input_ids=ids[:, :4])  # the first forward decompresses the packed linears
+        cast_floating(r, torch.float32)
+        assert float((r(input_ids=ids).logits - m(input_ids=ids).logits).abs().max()) < 1e-4

@@ -10,6 +10,7 @@ import argparse
 from .config import COVERAGE, FALLBACKS, AWQKnobs, BitPlan, CalibSpec, GPTQKnobs, LWCKnobs, QuantConfig, TuneKnobs
 from .quant.act import ActQuantArgs
 from .quant.primitives import QuantArgs
+from .solvers.blocktune import TUNE_STARTS
 
 
 def csv_list(s: str) -> tuple[str, ...]:
@@ -208,12 +209,14 @@ def add_quant_flags(p: argparse.ArgumentParser, method: str = "gptq", group_size
                    help="blocktune: signed-gradient steps per block, one calibration batch each (default 100)")
     p.add_argument("--tune-lr", type=float_range(0), default=0.005,
                    help="blocktune: initial step of the rounding offsets, decayed linearly to 0 (default 0.005)")
-    p.add_argument("--tune-scale-lr", type=float_range(0, None, lo_closed=True), default=0.001,
-                   help="blocktune: initial step of the scale factors (default 0.001; 0 keeps the solved scales)")
-    p.add_argument("--tune-router", type=float_range(0, None, lo_closed=True), default=1.0,
-                   help="blocktune: weight of the router KL term (default 1; 0 turns it off)")
-    p.add_argument("--tune-expert", type=float_range(0, None, lo_closed=True), default=1.0,
-                   help="blocktune: weight of the affinity-weighted expert-output term (default 1; 0 turns it off)")
+    p.add_argument("--tune-scale-lr", type=float_range(0, None, lo_closed=True), default=0.005,
+                   help="blocktune: initial step of the scale factors (default 0.005; 0 keeps the solved scales)")
+    p.add_argument("--tune-router", type=float_range(0, None, lo_closed=True), default=0.1,
+                   help="blocktune: weight of the router KL term (default 0.1; 0 turns it off)")
+    p.add_argument("--tune-expert", type=float_range(0, None, lo_closed=True), default=0.1,
+                   help="blocktune: weight of the affinity-weighted expert-output term (default 0.1; 0 turns it off)")
+    p.add_argument("--tune-start", choices=TUNE_STARTS, default="rtn",
+                   help="blocktune: the grid it starts from, rtn (SignRound's start, default) or gptaq")
     p.add_argument("--tune-asymmetric", action=argparse.BooleanOptionalAction, default=True,
                    help="blocktune: targets from the FP model's own activations, carried next to the quantized ones "
                         "(default); --no-tune-asymmetric: the FP block on the quantized inputs (auto-round's way)")
@@ -243,7 +246,7 @@ def quant_config(a, plan: BitPlan | None = None) -> QuantConfig:
         batch_size=a.batch_size, gptaq=a.gptaq, agq=a.agq, agq_gate_proj=a.agq_gate_proj,
         awq=AWQKnobs(grid=a.awq_grid, clip=a.awq_clip), lwc=LWCKnobs(epochs=a.lwc_epochs, lr=a.lwc_lr),
         tune=TuneKnobs(steps=a.tune_steps, lr=a.tune_lr, scale_lr=a.tune_scale_lr, router=a.tune_router,
-                       expert=a.tune_expert, asymmetric=a.tune_asymmetric),
+                       expert=a.tune_expert, asymmetric=a.tune_asymmetric, start=a.tune_start),
         rotate=a.rotate, rotate_seed=a.rotation_seed, online_hadamard=a.online_hadamard,
         act=ActQuantArgs(a.act_bits, a.act_clip) if a.act_bits else None)
 

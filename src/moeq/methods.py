@@ -20,7 +20,7 @@ one :func:`register_method` call (plus :func:`~moeq.solvers.registry.register_so
 | quarot-gptq | rotation  | -                     | GPTQ, MSE clip | wikitext2 | Ashkboos et al. 2024 |
 | moequant++  | rotation  | -                     | GPTQ + AGQ, MSE clip | EBSS | Hu et al. 2025 |
 | gptaq       | -         | -                     | GPTQ on the FP model's outputs | wikitext2 | Li et al. 2025 |
-| blocktune   | -         | -                     | GPTAQ, then the block tuner | wikitext2 | SignRound-style, MoE terms |
+| blocktune   | -         | -                     | RTN or GPTAQ, then the block tuner | wikitext2 | SignRound-style, MoE terms |
 
 ``omniquant`` is an alias of ``lwc``: OmniQuant's learnable weight clipping without its learnable
 equivalent transformation (LET); reports say so.
@@ -120,8 +120,8 @@ def resolve_config(cfg: QuantConfig, is_moe: bool = True) -> tuple[QuantConfig, 
                   agq=m.agq if cfg.agq is None else cfg.agq,
                   mse_clip=m.mse_clip if cfg.mse_clip is None else cfg.mse_clip,
                   rotate=m.rotate if cfg.rotate is None else cfg.rotate,
-                  gptaq=m.gptaq if cfg.gptaq is None else cfg.gptaq)
-    if out.gptaq and m.solver != "gptq":
+                  gptaq=(m.gptaq and not (m.tune and cfg.tune.start == "rtn")) if cfg.gptaq is None else cfg.gptaq)
+    if out.gptaq and solver_name(out) != "gptq":
         raise ValueError(f"--gptaq changes GPTQ's target, and --method {m.name} does not solve with GPTQ; "
                          "use a GPTQ-based method (gptq, moequant, quarot-gptq, moequant++, blocktune)")
     return out, notes
@@ -132,12 +132,18 @@ def fp_stream_needed(cfg: QuantConfig) -> bool:
     return bool(cfg.gptaq) or (get_method(cfg.method).tune and cfg.tune.asymmetric)
 
 
+def solver_name(cfg: QuantConfig) -> str:
+    """The solve stage's solver: the method's, except a block tuner told to start from RTN."""
+    m = get_method(cfg.method)
+    return "rtn" if m.tune and cfg.tune.start == "rtn" else m.solver
+
+
 def needs_calibration(cfg: QuantConfig) -> bool:
-    """Whether the run reads calibration data: a solver with statistics, or a block search."""
+    """Whether the run reads calibration data: a solver with statistics, a block search or the tuner."""
     from .solvers.registry import get_solver
 
     m = get_method(cfg.method)
-    return get_solver(m.solver).needs_hessian or m.search is not None
+    return get_solver(solver_name(cfg)).needs_hessian or m.search is not None or m.tune
 
 
 _OMNI = "OmniQuant's learnable weight clipping only (no learnable equivalent transformation, LET)"
@@ -159,7 +165,7 @@ for _m in (
            calib="ebss", agq=True, mse_clip=True, rotate=True),
     Method("gptaq", "GPTQ whose target is the FP model's output on its own activations (asymmetric calibration)",
            "GPTAQ, Li et al. 2025 (arXiv 2504.02692)", gptaq=True),
-    Method("blocktune", "GPTAQ, then per block signed-gradient tuning of rounding and scales against the FP block "
+    Method("blocktune", "RTN (--tune-start gptaq: GPTAQ), then per block signed-gradient tuning of rounding and scales against the FP block "
            "output, with router-KL and affinity-weighted expert terms",
            "SignRound (Cheng et al. 2023) objective, MoE terms after EAQuant / MoEQuant", tune=True, gptaq=True,
            aliases=("moetune",)),

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..config import QuantConfig
-from ..methods import fp_stream_needed, get_method
+from ..methods import fp_stream_needed, get_method, solver_name
 from ..models.adapter import ModelAdapter
 from ..quant.act import attach_act_quant
 from ..solvers.registry import SolveOptions, get_solver
@@ -62,7 +62,7 @@ def solve_spec(cfg: QuantConfig, plan: dict, storage_dtype, max_solve_memory: in
                dist: Dist = Dist()) -> SolveSpec:
     """The solve stage's settings for a resolved config."""
     return SolveSpec(
-        plan=plan, solver=get_solver(get_method(cfg.method).solver),
+        plan=plan, solver=get_solver(solver_name(cfg)),
         opts=SolveOptions(storage_dtype, bool(cfg.mse_clip), cfg.gptq.blocksize, cfg.gptq.damp, cfg.gptq.act_order,
                           positions=get_method(cfg.method).tune),
         storage_dtype=storage_dtype, agq=bool(cfg.agq), agq_gate_proj=cfg.agq_gate_proj,

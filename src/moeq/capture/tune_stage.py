@@ -11,7 +11,8 @@ scales are tuned jointly (:func:`moeq.solvers.blocktune.tune_block`) to minimise
     + router * mean_t KL(softmax(l_fp) || softmax(l_q))            routing kept close to FP
     + expert * sum_e sum_t c_te ||E_e^q(x_t) - E_e(x_t)||^2 / sum c_te ||E_e(x_t)||^2
 
-where l are the router logits on the block's hidden states (l_q: the quantized block on the quantized
+(the expert term compares each expert on its rows with the rows held fixed, so it tunes the expert's own
+weights and never pulls the attention that produced them), where l are the router logits on the block's hidden states (l_q: the quantized block on the quantized
 stream; l_fp: the FP block on the FP stream), and the last term compares
 every routed expert (and the shared expert) with its FP weights on the very rows it was given, weighted
 by their combine coefficients c (AGQ's affinity weighting). The block runs through
@@ -58,11 +59,12 @@ class _MoETerms:
             W = self.fp[name]
             if call is None or len(W) < 3:  # a partly full-precision expert: compared through the output term
                 return
-            x = args[0].reshape(-1, args[0].shape[-1])  # (n, H)
+            x = args[0].reshape(-1, args[0].shape[-1]).detach().float()  # (n, H): the term tunes the expert only
             with torch.no_grad():
-                y_fp = _mlp(mod, W, x.detach().float(), self.names[name])  # (n, H)
+                y_fp = _mlp(mod, W, x, self.names[name])  # (n, H)
+            y_q = _mlp(mod, {p: getattr(mod, p).weight.float() for p in self.names[name]}, x, self.names[name])
             c = call.weight.detach().float()[:, None]  # (n, 1) affinity weights, constants of the loss
-            self.err = self.err + (c * (out.reshape(y_fp.shape).float() - y_fp).pow(2)).sum()
+            self.err = self.err + (c * (y_q - y_fp).pow(2)).sum()
             self.norm = self.norm + float((c * y_fp.pow(2)).sum())
         return hook
 

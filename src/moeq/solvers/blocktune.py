@@ -31,22 +31,28 @@ from ..quant.primitives import _expand, _round_scale
 from .base import QuantResult
 
 
+TUNE_STARTS = ("rtn", "gptaq")
+
+
 @dataclass(frozen=True)
 class TuneKnobs:
     steps: int = 100  # signed-gradient steps per block (one calibration batch each)
     lr: float = 0.005  # initial step of V, decayed linearly to 0
-    scale_lr: float = 0.001  # initial step of a, decayed linearly to 0
+    scale_lr: float = 0.005  # initial step of a, decayed linearly to 0
     check_every: int = 25  # steps between measurements of the full calibration loss (the best state is kept)
     max_offset: float = 0.5  # |V| bound: a weight rounds at most to the other neighbour of its position
     max_scale: float = 0.2  # |a| bound: scales within +-20% of the start
-    router: float = 1.0  # weight of the router term (KL of FP to quantized routing distribution)
-    expert: float = 1.0  # weight of the affinity-weighted expert-output term
+    router: float = 0.1  # weight of the router term (KL of FP to quantized routing distribution)
+    expert: float = 0.1  # weight of the affinity-weighted expert-output term
     asymmetric: bool = True  # targets from the FP model's own stream (False: the FP block on the quantized stream)
+    start: str = "rtn"  # the grid the tuner starts from: "rtn" (SignRound's start) or "gptaq"
 
     def __post_init__(self):
         if self.steps < 0 or self.lr <= 0 or self.scale_lr < 0 or self.check_every < 1 or not 0 < self.max_offset or not 0 <= self.max_scale < 1:
             raise ValueError("--tune-steps must be >= 0, --tune-lr > 0, and the offset/scale bounds positive "
                              "(scale bound below 1)")
+        if self.start not in TUNE_STARTS:
+            raise ValueError(f"--tune-start must be one of {', '.join(TUNE_STARTS)}, got {self.start!r}")
         if self.router < 0 or self.expert < 0:
             raise ValueError("--tune-router and --tune-expert must be >= 0")
 
