@@ -8,8 +8,10 @@ signed gradient descent, a fixed number of steps, the step size decaying linearl
   clamp(round(p0 + V), qmin, qmax) where p0 = w / s0 + z is the weight's grid position when its start was
   rounded (GPTQ: after the error feedback of the columns before it; ``QuantResult.pre``), so V = 0 is
   the start, and weights whose position lies near a rounding boundary are the first to flip;
-* a scale factor a (out, G) per group, |a| <= ``max_scale``: the scales are s0 (1 + a) rounded to the
-  storage dtype (not on grids whose scales are fixed by the GGUF block formats: ``superblock``, ``ggml``).
+* a scale factor a (out, G) per group, |a| <= ``max_scale``: the scales are s = s0 (1 + a) rounded to the
+  storage dtype (not on grids whose scales are fixed by the GGUF block formats: ``superblock``, ``ggml``),
+  and the positions follow: p = (p0 - z) s0 / s + z, the start's continuous weight on the new grid, so
+  a scale change re-rounds the weights (SignRound's min-max tuning, for a scale).
 
 Roundings pass gradients straight through. Zero points stay as solved. The loss is the caller's
 ``block_loss(W_hat, batch)`` (the block's output error, plus whatever MoE terms it adds). The full
@@ -84,9 +86,15 @@ class _Param:
         """(integers (out, in) as floats, scales (out, G)) of the current state."""
         rnd = _round_ste if ste else torch.round
         args = self.r.args
-        q = torch.clamp(rnd(self.p0 + self.V), args.qmin, args.qmax)  # (out, in)
         s = self.s0 if self.a is None else self.s0 * (1 + self.a)  # (out, G)
         s = _scale_ste(s, scale_dtype) if ste else _round_scale(s, scale_dtype)
+        p = self.p0
+        if self.a is not None:  # the same continuous weights on the new grid: positions move with the scale
+            n = p.shape[1]
+            ratio = _expand(self.s0, args, n, self.r.g_idx) / _expand(s, args, n, self.r.g_idx)  # (out, in)
+            z = _expand(self.z, args, n, self.r.g_idx)
+            p = (self.p0 - z) * ratio + z
+        q = torch.clamp(rnd(p + self.V), args.qmin, args.qmax)  # (out, in)
         return q, s
 
     def weight(self, scale_dtype) -> torch.Tensor:
