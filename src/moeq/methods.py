@@ -165,8 +165,8 @@ for _m in (
            calib="ebss", agq=True, mse_clip=True, rotate=True),
     Method("gptaq", "GPTQ whose target is the FP model's output on its own activations (asymmetric calibration)",
            "GPTAQ, Li et al. 2025 (arXiv 2504.02692)", gptaq=True),
-    Method("blocktune", "RTN (--tune-start gptaq: GPTAQ), then per block signed-gradient tuning of rounding and scales against the FP block "
-           "output, with router-KL and affinity-weighted expert terms",
+    Method("blocktune", "RTN (--tune-start gptaq: GPTAQ), then per block signed-gradient tuning of rounding and "
+           "scales against the FP block output, with router-KL and affinity-weighted expert terms",
            "SignRound (Cheng et al. 2023) objective, MoE terms after EAQuant / MoEQuant", tune=True, gptaq=True,
            aliases=("moetune",)),
 ):

@@ -123,17 +123,16 @@ class MethodRun:
             search = lwc_block(ctx, self.plan, cfg.lwc, self.storage_dtype)
         tr.smooth += search.scales
         tr.clips.update(search.clips)
-        fp = None
-        if ctx.acts is not None and (self.method.tune or fp_stream_needed(cfg)):
-            if fp_stream_needed(cfg) and self.fp_stream is None:  # block 0 (a run that resumes is refused)
+        fp, carry = None, fp_stream_needed(cfg)
+        if ctx.acts is not None and (self.method.tune or carry):
+            if carry and self.fp_stream is None:  # block 0 (a run that resumes is refused)
                 self.fp_stream = ctx.acts.fork("fp-stream")
-            fp = fp_pass(ctx, self.plan, self.fp_stream if fp_stream_needed(cfg) else None, inputs=bool(cfg.gptaq))
-            if fp.stream is not None:
+            fp = fp_pass(ctx, self.plan, self.fp_stream if carry else None, inputs=bool(cfg.gptaq))
+            if carry:
                 self.fp_stream = fp.stream
         solved = solve_block(ctx, self.solve, search.clips, search.tokens, fp.inputs if fp is not None else None)
-        targets = fp if self.method.tune else None
-        if targets is not None:
-            search.info["tune"] = tune_solved(ctx, solved, targets, cfg.tune, self.storage_dtype)
+        if fp is not None and self.method.tune:
+            search.info["tune"] = tune_solved(ctx, solved, fp, cfg.tune, self.storage_dtype)
         return BlockOutcome(solved, search, online)
 
     def round_block(self, block: torch.nn.Module) -> None:

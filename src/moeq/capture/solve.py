@@ -101,7 +101,6 @@ def _tasks(ctx, names, gs: GroupStats | None, spec: SolveSpec, clips, tokens, ra
             owners.setdefault(owner, []).append(full)
     infos = {li.name: li for li in ctx.adapter.block_linears(ctx.i)}
     tasks = []
-    damp = getattr(spec.opts, "damp", 0.01)
     for owner, members in owners.items():
         st = gs.stats.get(owner) if gs else None
         by_args: dict = {}
@@ -115,7 +114,7 @@ def _tasks(ctx, names, gs: GroupStats | None, spec: SolveSpec, clips, tokens, ra
             C = st.cross_mean() if st is not None else None
             H = st.take_mean() if st is not None else None
             if C is not None:  # GPTAQ: GPTQ on the least-squares target of the FP outputs
-                W = gptaq_target(W, H, C, damp)
+                W = gptaq_target(W, H, C, spec.opts.damp)
             tasks.append(Task(
                 names=ms, W=W, H=H, args=args,
                 tokens=st.routed if st is not None else tokens.get(ms[0], 0), rows=st.rows if st is not None else 0,

@@ -45,9 +45,9 @@ class _MoETerms:
     def __init__(self, ctx: BlockContext, fp_weights: dict[str, torch.Tensor]):
         self.ctx, self.router = ctx, ctx.adapter.router(ctx.i)
         self.parents = ctx.adapter.routing_parents(ctx.i)  # full name -> expert / shared expert module
-        spec = ctx.adapter.spec
-        self.names = {p: (spec.moe.proj_names if ".".join(p.split(".")[:-1]).endswith(spec.moe.experts)
-                          else spec.mlp_proj_names) for p in self.parents}
+        spec, es = ctx.adapter.spec, ctx.adapter.experts(ctx.i)
+        routed = set(getattr(es, "names", ()))  # the ExpertSet's expert names; the rest is the shared expert
+        self.names = {p: spec.moe.proj_names if p in routed else spec.mlp_proj_names for p in self.parents}
         self.fp = {p: {proj: fp_weights[f"{p}.{proj}"].float() for proj in self.names[p]
                        if f"{p}.{proj}" in fp_weights} for p in self.parents}
         self.router_in: list = []

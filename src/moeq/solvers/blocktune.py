@@ -103,12 +103,12 @@ class _Param:
         args, g = self.r.args, self.r.g_idx
         return (q - _expand(self.z, args, n, g)) * _expand(s, args, n, g)  # (out, in)
 
-    def result(self, scale_dtype, loss_info: dict) -> QuantResult:
+    def result(self, scale_dtype) -> QuantResult:
         with torch.no_grad():
             q, s = self.grid(scale_dtype, ste=False)
             moved = int((q != self.q0).sum())
         return replace(self.r, q=q.to(torch.int8).cpu(), scale=s.cpu(), zero=self.r.zero.clone(), pre=None,
-                       info={**self.r.info, "tuned_moved": moved, **loss_info})
+                       info={**self.r.info, "tuned_moved": moved})
 
     def snapshot(self) -> list[torch.Tensor]:
         return [t.detach().clone() for t in self.tensors()]
@@ -121,13 +121,12 @@ class _Param:
 
 def tune_block(start: dict[str, QuantResult], batches: list,
                block_loss: Callable[[dict[str, torch.Tensor], object], torch.Tensor], knobs: TuneKnobs,
-               device, scale_dtype: torch.dtype | None = None, trace: list | None = None) -> tuple[dict[str, QuantResult], dict]:
+               device, scale_dtype: torch.dtype | None = None) -> tuple[dict[str, QuantResult], dict]:
     """Tune the grids ``start`` ({name: QuantResult}) of one block jointly.
 
     ``block_loss(W_hat, batch)`` returns the differentiable calibration loss of one batch with the weights
     W_hat ({name: (out, in)}) substituted. -> ({name: tuned QuantResult}, {"loss_start", "loss_end", "kept",
-    "best_step", "steps", held-out figures}): the start or the state chosen as the module docstring says.
-    ``trace`` collects each step's batch loss."""
+    "best_step", "steps", held-out figures}): the start or the state chosen as the module docstring says."""
     params = {n: _Param(r, device, tune_scale=not (r.args.superblock or r.args.ggml)) for n, r in start.items()}
 
     # the last eighth of the batches (at least one, when there are 4 or more) is held out of the steps:
@@ -161,8 +160,6 @@ def tune_block(start: dict[str, QuantResult], batches: list,
                         g = next(it)
                         if g is not None:
                             t.sub_(decay * lr * g.sign()).clamp_(-bound, bound)
-            if trace is not None:
-                trace.append(float(loss.detach()))
             if (step + 1) % knobs.check_every == 0 or step + 1 == steps:
                 now, now_hold = losses()
                 if now < loss0 and now_hold < best_hold:
@@ -172,4 +169,4 @@ def tune_block(start: dict[str, QuantResult], batches: list,
         p.restore(best_snap[n])
     info = {"loss_start": loss0, "loss_end": best, "heldout_start": hold0, "heldout_end": best_hold,
             "heldout_batches": n_hold, "kept": "tuned" if best_step else "start", "best_step": best_step, "steps": steps}
-    return {n: p.result(scale_dtype, {}) for n, p in params.items()}, info
+    return {n: p.result(scale_dtype) for n, p in params.items()}, info
