@@ -155,7 +155,8 @@ def calibration(loaded, n: int, seqlen: int, seed: int, work: Path) -> tuple[tor
 def run_moeq(loaded, method: str, bits: int, group: int, calib_source: str | None, seed: int | None, args):
     """(quantized model, wall seconds of calibration + quantization, row extras) of one moeq method."""
     calib = CalibSpec(calib_source, args.calib_windows, args.seqlen, seed or 0)
-    cfg = QuantConfig(method=method, plan=BitPlan(default=QuantArgs(bits, group, SYMMETRIC)), calib=calib)
+    grid = QuantArgs(bits, group, SYMMETRIC, full_range=args.full_range)
+    cfg = QuantConfig(method=method, plan=BitPlan(default=grid), calib=calib)
     q = quantize_loaded(loaded, cfg)
     used = None if q.calib is None else ("wikitext2 (shared ids)" if calib_source else q.calib.source)
     return q.model, q.seconds["calibration"] + q.seconds["quantize"], {"calib": used, "notes": q.method.notes}
@@ -263,7 +264,9 @@ def fmt(mean, std, digits: int) -> str:
 def render(result: dict) -> str:
     """The markdown table: FP per model, then every cell as mean ± std over its seeds."""
     a = result["args"]
-    setting = (f"{'symmetric' if SYMMETRIC else 'asymmetric'} integer weights, groups of {a['group_sizes']}; "
+    grid = ("moeq rows on the full-range grid (--full-range: signed scales, all 2^b integers, auto-round's rule)"
+            if a.get("full_range") else "moeq rows on the half-range grid (scale max|w| / (2^(b-1) - 1/2))")
+    setting = (f"{'symmetric' if SYMMETRIC else 'asymmetric'} integer weights, groups of {a['group_sizes']}; {grid}; "
                f"calibration {a['calib_windows']} x {a['seqlen']} WikiText-2 train tokens per seed ("
                f"{'the same ids for every method' if a['method_calib'] == 'shared' else 'moeq methods: their own'}"
                f"); auto-round "
@@ -308,6 +311,8 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--methods", default=",".join(("rtn", "gptq") + OPTIONAL_METHODS),
                     help="moeq methods (comma list); ones moeq does not have are skipped with a note")
     ap.add_argument("--no-autoround", action="store_true", help="moeq rows only")
+    ap.add_argument("--full-range", action="store_true",
+                    help="moeq rows on the full-range symmetric grid (auto-round's: signed scales, all 2^b integers)")
     ap.add_argument("--bits", default="2,3,4")
     ap.add_argument("--group-sizes", default="64,128")
     ap.add_argument("--seeds", default="0,1,2", help="calibration seeds of the moeq rows")

@@ -25,6 +25,7 @@ import argparse
 import copy
 import json
 import os
+import tempfile
 import time
 from pathlib import Path
 
@@ -33,11 +34,11 @@ import torch
 os.environ.setdefault("MOEQ_QUIET", "1")
 
 from moeq.calib.windows import calibration_windows  # noqa: E402
-from moeq.capture.sequential import quantize_model  # noqa: E402
 from moeq.config import BitPlan, CalibSpec, GPTQKnobs, QuantConfig  # noqa: E402
 from moeq.evaluate.perplexity import evaluate_ppl  # noqa: E402
 from moeq.models.adapter import ModelAdapter  # noqa: E402
 from moeq.models.loading import load_model  # noqa: E402
+from moeq.pipeline import quantize_loaded  # noqa: E402
 from moeq.quant.primitives import QuantArgs  # noqa: E402
 
 
@@ -56,18 +57,15 @@ def run_llmcompressor(model, tok, ids: torch.Tensor, bits: int, group: int, igno
     return time.perf_counter() - t
 
 
-def run_moeq(model, ids: torch.Tensor, bits: int, group: int, act_order: bool, coverage: str, true_seq: bool,
-             storage) -> float:
+def run_moeq(base, calib_jsonl: Path, n: int, seqlen: int, bits: int, group: int, act_order: bool, coverage: str,
+             true_seq: bool):
+    """(quantized copy of ``base.model``, calibration + quantization seconds) on the shared calibration ids."""
     cfg = QuantConfig(method="gptq", plan=BitPlan(default=QuantArgs(bits, group, True)),
-                      calib=CalibSpec("wikitext2", ids.shape[0], ids.shape[1]),
+                      calib=CalibSpec(str(calib_jsonl), n, seqlen),
                       gptq=GPTQKnobs(damp=0.01, act_order=act_order), expert_coverage=coverage,
                       true_sequential=true_seq)
-    ad = ModelAdapter.for_model(model).unfuse()
-    t = time.perf_counter()
-    quantize_model(ad, cfg, ids, "cpu", storage)
-    el = time.perf_counter() - t
-    ad.refuse()
-    return el
+    q = quantize_loaded(base, cfg)
+    return q.model, q.seconds["calibration"] + q.seconds["quantize"]
 
 
 # (label, act-order, expert coverage, true-sequential)
@@ -94,7 +92,10 @@ def main():
     ad = ModelAdapter.for_model(base.model)
     ignore = ["lm_head"] + [f"re:.*{p.rpartition('.')[2]}$" for p in
                             {ad.spec.moe.router, ad.spec.moe.shared_gate} if p] if ad.spec.moe else ["lm_head"]
-    ids = calibration_windows(base.tokenizer, "wikitext2", args.nsamples, args.seqlen, seed=0).ids
+    ids = calibration_windows(base.tokenizer, "wikitext2", args.nsamples, args.seqlen, seed=0).ids  # (n, T)
+    tmp = tempfile.TemporaryDirectory(prefix="peer_llmc_")
+    calib_jsonl = Path(tmp.name) / "calib.jsonl"  # the same ids for moeq, as a token-id calibration file
+    calib_jsonl.write_text("".join(json.dumps({"input_ids": r}) + "\n" for r in ids.tolist()))
     windows: dict = {}
     ppl = lambda m: evaluate_ppl(m, base.tokenizer, ("wikitext2", "c4"), None, None, windows, limit=args.eval_limit)
     rows = [{"method": "FP", "bits": 16, **{k: v["ppl"] for k, v in ppl(base.model).items()}, "seconds": None}]
@@ -107,8 +108,7 @@ def main():
                          "bits": bits, **{k: v["ppl"] for k, v in ppl(m).items()}, "seconds": peer_t})
             del m
         for label, act, cov, ts in MOEQ_ROWS:
-            m = copy.deepcopy(base.model)
-            t = run_moeq(m, ids, bits, args.group_size, act, cov, ts, base.storage_dtype)
+            m, t = run_moeq(base, calib_jsonl, args.nsamples, args.seqlen, bits, args.group_size, act, cov, ts)
             rows.append({"method": label, "bits": bits, **{k: v["ppl"] for k, v in ppl(m).items()}, "seconds": t,
                          "time_ratio_vs_peer": (t / peer_t) if peer_t else None})
             del m

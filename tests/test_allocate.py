@@ -282,6 +282,11 @@ def test_plan_save_load_round_trip(prof, tmp_path, suffix):
     assert all(back.args_for(r.name) == plan.args_for(r.name) for r in prof.modules)
     (tmp_path / "hand.yaml").write_text("default: {num_bits: 3, group_size: 32}\nrules:\n"
                                         "  - ['.*self_attn.*', 8]\noverrides: {a.b: {num_bits: 4, symmetric: false}}\n")
+    (tmp_path / "fr.yaml").write_text("default: {num_bits: 2, group_size: 32, full_range: true}\nrules:\n"
+                                      "  - ['.*self_attn.*', 4]\n")
+    fr = load_plan(tmp_path / "fr.yaml")
+    assert fr.args_for("x.self_attn.q_proj") == QuantArgs(4, 32, full_range=True)
+    assert load_plan(save_plan(fr, tmp_path / "fr2.json")).args_for("y") == QuantArgs(2, 32, full_range=True)
     hand = load_plan(tmp_path / "hand.yaml")
     assert hand.args_for("x.self_attn.q_proj") == QuantArgs(8, 32) and hand.args_for("z") == QuantArgs(3, 32)
     assert hand.args_for("a.b") == QuantArgs(4, 32, False)

@@ -48,6 +48,7 @@ CASES = [
          parse=True),
     case("q-group-size-48", "quantize", "{m}", "--out", "{out}", "--skip-eval", "--method", "rtn", "--group-size",
          "48", culprit="group size 48"),
+    case("q-full-range-asym", "quantize", "{m}", "--out", "{out}", *Q, "--asym", "--full-range", culprit="--full-range"),
     case("q-method", "quantize", "{m}", "--out", "{out}", "--method", "nope", culprit="--method", parse=True),
     case("q-missing-model", "quantize", "{fx}/no-such-model", "--out", "{out}", *Q, culprit="no-such-model"),
     case("q-hub-offline", "quantize", "someorg/somemodel", "--out", "{out}", *Q, culprit="someorg/somemodel"),

@@ -64,6 +64,18 @@ def test_every_method_with_a_per_expert_plan_reloads(method, tiny_ckpt, tmp_path
     assert _reload_diff(tmp_path / "o", ours) < 1e-4
 
 
+@pytest.mark.parametrize("method", ["gptq", "blocktune"])
+def test_full_range_grids_with_negative_scales_reload(method, tiny_ckpt, tmp_path):
+    """--full-range stores the same integers with signed scales: compressed-tensors and transformers read them."""
+    from safetensors.torch import load_file
+
+    plan = BitPlan(default=QuantArgs(3, 32, True, full_range=True))
+    rep, ours = _run(tiny_ckpt("qwen2_moe"), method, plan, tmp_path / "o", nsamples=4)
+    scales = [v for k, v in load_file(str(tmp_path / "o" / "model.safetensors")).items() if k.endswith("weight_scale")]
+    assert scales and any((s < 0).any() for s in scales) and any((s > 0).any() for s in scales)
+    assert _reload_diff(tmp_path / "o", ours) < 1e-4
+
+
 def test_units_that_cannot_be_stored_with_one_scheme_are_refused_before_any_work(tiny_ckpt, tmp_path):
     d = tiny_ckpt("qwen2_moe")
     for plan, msg in [(BitPlan(default=W4, rules=[(EXPERT, None)]), "in full precision"),

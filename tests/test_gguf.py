@@ -97,6 +97,27 @@ def test_every_llama_cpp_architecture_loads_and_matches(arch, tiny_ckpt, tmp_pat
     assert med < 0.1 and abs(ppl_llama / ppl_moeq - 1) < 0.01, (med, ppl_llama, ppl_moeq)
 
 
+def test_full_range_w4_g32_is_llama_cpps_own_q4_0(tiny_ckpt, tmp_path):
+    """--full-range at W4 g32 is llama.cpp's Q4_0 rule (d = the block's extreme / -8): RTN's integers are
+    gguf-py's reference Q4_0 quantization of the bf16 weights (the rare difference: moeq rounds the scale to
+    bf16 before choosing integers), the file holds them as Q4_0 and llama.cpp computes moeq's model."""
+    from safetensors.torch import load_file
+
+    ckpt = tiny_ckpt("qwen2_moe")
+    rep, m = _export(ckpt, tmp_path / "o", plan=BitPlan(default=QuantArgs(4, 32, True, full_range=True)))
+    assert rep["gguf"]["types"].get("Q4_0") and not rep["gguf"]["f32_linears"]
+    fp = load_file(str(ckpt / "model.safetensors"))
+    name = "model.layers.0.self_attn.o_proj"
+    w = fp[name + ".weight"].float().numpy()  # (out, in)
+    ref = gguf.quants.dequantize(gguf.quants.quantize(w, gguf.GGMLQuantizationType.Q4_0),
+                                 gguf.GGMLQuantizationType.Q4_0).reshape(w.shape)
+    ours = _ct_values(tmp_path / "o", name)
+    assert np.mean(np.isclose(ours, ref, rtol=2 ** -7, atol=0)) > 0.99
+    ids = torch.randint(1, 8000, (96,), generator=torch.Generator().manual_seed(0)).tolist()
+    med, ppl_llama, ppl_moeq = _compare("qwen2_moe", tmp_path / "o", m, [ids])
+    assert med < 0.1 and abs(ppl_llama / ppl_moeq - 1) < 0.01, (med, ppl_llama, ppl_moeq)
+
+
 def _ct_values(folder, module: str) -> np.ndarray:
     """(q - zero) * scale of one linear, unpacked from the compressed-tensors checkpoint with compressed-tensors'
     own unpacker (fp32: what the integers mean, before any rounding to the model dtype)."""

@@ -37,6 +37,36 @@ def test_grid_range_and_roundtrip(bits, gs, sym):
     assert ((W - Wh).abs() <= step * (1.0 if sym else 0.5) + 1e-6).all()
 
 
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+def test_full_range_grid_matches_a_reference_and_uses_every_integer(bits):
+    """--full-range (auto-round's / llama.cpp Q4_0's rule), against a per-group loop: the value of largest
+    magnitude e sets scale = -e / 2^(b-1), so e lands exactly on qmin; then q = clamp(round(w / scale))."""
+    W = rand_w(16, 128)
+    W[::2] -= 0.5  # rows whose groups lean negative and rows that lean positive: both signs of scale
+    W[1::2] += 0.5
+    a = QuantArgs(bits, 32, True, full_range=True)
+    s, z = compute_qparams(W, a)
+    q = quantize(W, s, z, a)
+    for r in range(W.shape[0]):
+        for gi in range(4):
+            w = W[r, gi * 32:(gi + 1) * 32]
+            e = w[w.abs().argmax()]
+            ref_s = -e / 2 ** (bits - 1)
+            ref_q = torch.clamp(torch.round(w / ref_s), -2 ** (bits - 1), 2 ** (bits - 1) - 1)
+            assert torch.allclose(s[r, gi], ref_s) and torch.equal(q[r, gi * 32:(gi + 1) * 32].float(), ref_q)
+    assert (s < 0).any() and (s > 0).any() and torch.equal(z, torch.zeros_like(z))
+    Wh = dequantize(q, s, z, a)
+    e_idx = W.reshape(16, 4, 32).abs().argmax(-1, keepdim=True)  # (16, 4, 1)
+    assert torch.allclose(Wh.reshape(16, 4, 32).gather(-1, e_idx), W.reshape(16, 4, 32).gather(-1, e_idx))
+    assert int(q.min()) == a.qmin  # the whole signed range is used
+    half = fake_quantize(W, QuantArgs(bits, 32, True))
+    if bits <= 3:  # the half-range grid wastes a level: clearly worse at 2-3 bits
+        assert (Wh - W).pow(2).mean() < 0.8 * (half - W).pow(2).mean()
+    with pytest.raises(ValueError, match="--full-range"):
+        QuantArgs(4, 32, False, full_range=True)
+    assert QuantArgs(4, 32, True, full_range=True).label() == "w4g32f"
+
+
 def test_zero_rows_and_constant_rows_give_finite_scales():
     W = torch.zeros(4, 64)
     W[1] = 3.0

@@ -6,6 +6,7 @@ method's defaults for flags left unset). Parsing argv itself happens in :mod:`mo
 from __future__ import annotations
 
 import argparse
+from dataclasses import replace
 
 from .config import COVERAGE, FALLBACKS, AWQKnobs, BitPlan, CalibSpec, GPTQKnobs, LWCKnobs, QuantConfig, TuneKnobs
 from .quant.act import ActQuantArgs
@@ -166,6 +167,9 @@ def add_quant_flags(p: argparse.ArgumentParser, method: str = "gptq", group_size
                    help="llama.cpp's K-quant scale grid (with --group-size 16, --bits 3 -> Q3_K, 4-6 -> Q6_K): "
                         "each 256-column super-block's scales are a power of two times a small integer, so "
                         "--format gguf stores the grid exactly in 3.4 / 6.6 bits per weight")
+    p.add_argument("--full-range", action="store_true",
+                   help="symmetric grid on all 2^b integers: scale +-max|w| / 2^(b-1), signed so that the larger "
+                        "extreme is exact (auto-round's and llama.cpp's Q4_0 rule; better at 2-3 bits)")
     p.add_argument("--calib", default=None,
                    help="wikitext2, c4, gsm8k, humaneval, ebss (self-generated, cached), any text file (.jsonl/.json "
                         "'text' field, .parquet, plain text) or a .jsonl of input_ids rows (default: the method's)")
@@ -235,9 +239,19 @@ def add_quant_flags(p: argparse.ArgumentParser, method: str = "gptq", group_size
     p.add_argument("--overwrite", action="store_true", help="replace an existing output")
 
 
+def full_range_plan(plan: BitPlan) -> BitPlan:
+    """``--full-range``: every symmetric scheme of the plan (not the K-quant scale grids) on all 2^b integers."""
+    return plan.mapped(lambda s: replace(s, full_range=True) if s.symmetric and not s.superblock else s)
+
+
 def quant_config(a, plan: BitPlan | None = None) -> QuantConfig:
     """The QuantConfig the quantization flags describe (``plan``: default uniform at --bits/--group-size)."""
-    plan = plan or BitPlan(default=QuantArgs(a.bits, a.group_size, a.sym, getattr(a, "kquant_scales", False)))
+    full = getattr(a, "full_range", False)
+    if plan is None:  # QuantArgs refuses --full-range with --asym / --kquant-scales
+        plan = BitPlan(default=QuantArgs(a.bits, a.group_size, a.sym, getattr(a, "kquant_scales", False),
+                                         full_range=full))
+    elif full:  # a plan file: its symmetric schemes
+        plan = full_range_plan(plan)
     return QuantConfig(
         method=a.method, plan=plan,
         calib=CalibSpec(a.calib, a.nsamples, a.seqlen, a.seed, a.ebss_width, a.ebss_tau, a.ebss_no_repeat_ngram),

@@ -28,6 +28,7 @@ rounds to 0 gets the smallest positive gain of that width.
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
 import torch
 
@@ -76,7 +77,7 @@ def block_gains(adapter: ModelAdapter, records: dict[str, ModuleRecord], local: 
         fp = torch.log_softmax(model(input_ids=batch).logits.float(), -1)  # (b, T, V)
         count += batch.numel()
         for key, names in parts.items():
-            args = QuantArgs(key[2], template.group_size, template.symmetric)
+            args = replace(template, num_bits=key[2])
             saved = {}
             try:
                 for n in names:

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import json
 import re
+from dataclasses import replace
 from pathlib import Path
 
 import yaml
@@ -45,8 +46,7 @@ def plan_format(path: Path) -> str:
 def _scheme_out(a: QuantArgs | None, default: QuantArgs):
     if a is None:
         return None
-    if (a.group_size, a.symmetric, a.superblock, a.ggml) == (default.group_size, default.symmetric,
-                                                              default.superblock, default.ggml):
+    if replace(a, num_bits=default.num_bits) == default:  # only the width differs
         return a.num_bits
     return a.to_dict()
 
@@ -77,15 +77,14 @@ def _scheme_in(v, default: QuantArgs, where: str) -> QuantArgs | None:
     if isinstance(v, bool):
         raise ValueError(f"{where}: a scheme is bits, a mapping or null, got {v!r}")
     if isinstance(v, int):
-        return QuantArgs(v, default.group_size, default.symmetric, default.superblock, default.ggml)
+        return replace(default, num_bits=v)
     if isinstance(v, dict):
-        unknown = set(v) - {"num_bits", "group_size", "symmetric", "superblock", "ggml"}
+        keys = ("num_bits", "group_size", "symmetric", "superblock", "ggml", "full_range")
+        unknown = set(v) - set(keys)
         if unknown:
-            raise ValueError(f"{where}: unknown scheme keys {sorted(unknown)}; use num_bits, group_size, symmetric, "
-                             "superblock, ggml")
+            raise ValueError(f"{where}: unknown scheme keys {sorted(unknown)}; use {', '.join(keys)}")
         return QuantArgs(v.get("num_bits", default.num_bits), v.get("group_size", default.group_size),
-                         bool(v.get("symmetric", default.symmetric)), bool(v.get("superblock", default.superblock)),
-                         bool(v.get("ggml", default.ggml)))
+                         *(bool(v.get(k, getattr(default, k))) for k in keys[2:]))
     raise ValueError(f"{where}: a scheme is bits (e.g. 4), a mapping like {{num_bits: 4}} or null, got {v!r}")
 
 

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -130,7 +130,7 @@ def profile_model(adapter: ModelAdapter, calib: torch.Tensor, opts: ProfileOptio
     if calib is None or calib.numel() == 0:
         raise ValueError("the calibration set is empty: give --calib a source with text and --nsamples >= 1")
     for b in opts.candidates:
-        QuantArgs(b, opts.template.group_size, opts.template.symmetric)  # validates each width
+        replace(opts.template, num_bits=b)  # validates each width
     if opts.block_gain and opts.gain_samples < 1:
         raise ValueError(f"--gain-samples must be >= 1, got {opts.gain_samples} (or pass --no-block-gain)")
     secs = {}
@@ -221,7 +221,7 @@ def _profile(adapter, calib, opts, cfg, scale_dtype, device, model_name, calib_i
             sens.update(candidate_losses(weights, gs, impact, records, list(opts.candidates), opts.template,
                                          solve, device))
             for b in rtn_err if with_gain else ():
-                args = QuantArgs(b, opts.template.group_size, opts.template.symmetric)
+                args = replace(opts.template, num_bits=b)
                 rtn_err[b].update({n: rtn_local_error(W, impact[n], args, scale_dtype) for n, W in weights.items()})
 
     t = time.perf_counter()

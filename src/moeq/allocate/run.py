@@ -13,6 +13,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from ..config import BitPlan
+from ..flags import full_range_plan
 from ..models.adapter import ModelAdapter
 from ..models.bundled import DEFAULT_MODEL
 from ..quant.primitives import QuantArgs
@@ -42,7 +43,8 @@ def run_profile(loaded, cfg, a, device, predictor: bool, sensitivity: bool, pred
     from ..pipeline import make_calibration
 
     calib = make_calibration(loaded.model, loaded.tokenizer, loaded.path, cfg, a.data_dir, device)
-    opts = ProfileOptions(candidates=tuple(sorted(set(a.candidates))), template=QuantArgs(4, a.group_size, a.sym),
+    template = QuantArgs(4, a.group_size, a.sym, full_range=getattr(a, "full_range", False))
+    opts = ProfileOptions(candidates=tuple(sorted(set(a.candidates))), template=template,
                           sensitivity=sensitivity, predictor=predictor, batch_size=a.batch_size,
                           block_gain=not a.no_block_gain, gain_samples=a.gain_samples,
                           predictor_cfg=PredictorConfig(hidden=a.predictor_hidden, max_tokens=a.predictor_tokens,
@@ -139,6 +141,9 @@ def make_plan(a, rules, cfg) -> dict:
     else:
         plan = build_plan(prof, rules)
         prov["rules"] = rules.to_dict()
+    full = getattr(a, "full_range", False)
+    if full:  # every symmetric scheme on all 2^b integers
+        plan = full_range_plan(plan)
     stats = plan_stats(plan, prof.modules)
     measured = None
     if a.measure:
@@ -147,8 +152,8 @@ def make_plan(a, rules, cfg) -> dict:
         plans = {"plan": plan}
         if a.avg_bits is not None and math.floor(a.avg_bits) >= 2:
             gs = prof.group_size
-            plans[f"uniform {math.floor(a.avg_bits)}-bit"] = BitPlan(default=QuantArgs(math.floor(a.avg_bits), gs,
-                                                                                      prof.symmetric))
+            uniform = BitPlan(default=QuantArgs(math.floor(a.avg_bits), gs, prof.symmetric))
+            plans[f"uniform {math.floor(a.avg_bits)}-bit"] = full_range_plan(uniform) if full else uniform
         measured = measure(a, loaded, prof, plans, cfg, device)
     meta = {"model": prof.model, "model_type": prof.model_type, "summary": stats, "provenance": prov}
     if measured:

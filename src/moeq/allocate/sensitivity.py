@@ -21,6 +21,8 @@ errors; ``moeq plan --measure`` reports both.
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import torch
 
 from ..capture.stats import GroupStats
@@ -49,7 +51,7 @@ def candidate_losses(weights: dict[str, torch.Tensor], gs: GroupStats, impact: d
     """{name: {bits: sensitivity}} for the linears of one block. weights: name -> W (out, in)."""
     out: dict[str, dict[int, float]] = {n: {} for n in weights}
     for bits in candidates:
-        args = QuantArgs(bits, template.group_size, template.symmetric)
+        args = replace(template, num_bits=bits)
         tasks = []
         for name, W in weights.items():
             args.check_width(W.shape[1], name)

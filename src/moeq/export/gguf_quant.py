@@ -17,7 +17,7 @@ an fp16 number; bf16 scales are, unless tiny):
 
 The first that fits, in that order, is used. Symmetric grids of 16-column groups whose scales lie on the
 K-quant grid (``--kquant-scales``: per 256-column super-block, scale = d k with d a power of two and
-integer k <= 31 / 127) are :class:`KGrid`\ s and go to the K-quant types (ggml-common.h, ggml-quants.c):
+integer k <= 31 / 127) are :class:`KGrid` grids and go to the K-quant types (ggml-common.h, ggml-quants.c):
 
 * Q3_K ``{u8 hmask[32]; u8 qs[64]; u8 scales[12]; fp16 d}`` (3.44 bits/weight) when q in [-4, 3], k <= 31:
   element e of a super-block keeps q & 3 in bits 2j..2j+1 of qs[32 h + l] and q >= 0 in bit 4h + j of

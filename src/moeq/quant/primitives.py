@@ -4,7 +4,10 @@ The only code in moeq that knows integer grids. Conventions follow compressed-te
 that an export is a serialisation, not a translation:
 
 * signed integers q in [-2^(b-1), 2^(b-1) - 1] (int4: [-8, 7]);
-* symmetric: zero = 0, scale = max|w| / ((qmax - qmin) / 2);
+* symmetric: zero = 0, scale = max|w| / ((qmax - qmin) / 2); ``full_range`` (auto-round's and llama.cpp's Q4_0
+  rule): scale = +-max|w| / -qmin, its sign chosen so that the extreme of larger magnitude lands exactly on
+  qmin, so all 2^b integers are used (at 2 bits the levels are max|w| x {-1, -1/2, 0, 1/2} instead of
+  max|w| x {-4/3, -2/3, 0, 2/3}). Same integers and storage; scales may be negative;
 * asymmetric: scale = (max - min) / (qmax - qmin) with 0 kept in range, zero = qmin - round(min / scale);
 * q = clamp(round(w / scale) + zero, qmin, qmax), w_hat = (q - zero) * scale (:func:`grid_round`,
   :func:`grid_value`: the one implementation every solver, search and the activation quantizer use);
@@ -57,6 +60,7 @@ class QuantArgs(SignedGrid):
     symmetric: bool = True
     superblock: bool = False  # K-quant scale grid (see the module docstring)
     ggml: bool = False  # fits ggml's legacy blocks exactly (runs writing GGUF): see :func:`qparams_from_range`
+    full_range: bool = False  # symmetric: signed scales, all 2^b integers used (see the module docstring)
 
     def __post_init__(self):
         if not isinstance(self.num_bits, int) or not 2 <= self.num_bits <= 8:
@@ -66,6 +70,9 @@ class QuantArgs(SignedGrid):
         if self.superblock and (self.group_size != 16 or not self.symmetric or self.num_bits > 6):
             raise ValueError("--kquant-scales (llama.cpp's Q3_K/Q6_K grids) needs --group-size 16, --sym and "
                              f"--bits 2..6, got {self.label()}")
+        if self.full_range and (not self.symmetric or self.superblock):
+            raise ValueError("--full-range is a symmetric-grid option without --kquant-scales; drop --asym / "
+                             "--kquant-scales or --full-range")
 
     @property
     def kmax(self) -> int:
@@ -91,14 +98,15 @@ class QuantArgs(SignedGrid):
     def label(self) -> str:
         g = "c" if self.group_size == -1 else str(self.group_size)
         return (f"w{self.num_bits}g{g}{'' if self.symmetric else 'a'}{'k' if self.superblock else ''}"
-                f"{'x' if self.ggml else ''}")
+                f"{'x' if self.ggml else ''}{'f' if self.full_range else ''}")
 
     def to_dict(self) -> dict:
         return asdict(self)
 
 
 def _round_scale(scale: torch.Tensor, scale_dtype: torch.dtype | None) -> torch.Tensor:
-    scale = scale.clamp_min(1e-10)  # a constant-zero row still gets a usable scale
+    # a constant-zero row still gets a usable scale; a negative (full-range) scale keeps its sign
+    scale = torch.where(scale < 0, scale.clamp(max=-1e-10), scale.clamp(min=1e-10))
     if scale_dtype is not None and scale_dtype != scale.dtype:
         scale = scale.to(scale_dtype).to(torch.float32)
     return scale
@@ -118,7 +126,10 @@ def qparams_from_range(xmin: torch.Tensor, xmax: torch.Tensor, args: QuantArgs,
     xmin = torch.minimum(xmin, torch.zeros_like(xmin))  # 0 must be representable
     xmax = torch.maximum(xmax, torch.zeros_like(xmax))
     qrange = float(args.qmax - args.qmin)
-    if args.symmetric:
+    if args.symmetric and args.full_range:  # the larger extreme on qmin: scale signed, all integers used
+        top = torch.where(xmin.abs() > xmax, xmin.abs(), -xmax)  # (..., G) signed: qmin * scale is that extreme
+        scale, zero = _round_scale(top / -args.qmin, scale_dtype), torch.zeros_like(top)
+    elif args.symmetric:
         scale = _round_scale(torch.maximum(xmin.abs(), xmax) / (qrange / 2), scale_dtype)
         if args.superblock and scale.shape[-1] % 16 == 0:  # whole rows of groups: snap their super-blocks
             scale = _straight_through(scale, snap_superblocks(scale.detach(), args.kmax))

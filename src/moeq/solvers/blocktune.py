@@ -14,12 +14,12 @@ signed gradient descent, a fixed number of steps, the step size decaying linearl
   a scale change re-rounds the weights (SignRound's min-max tuning, for a scale).
 
 Roundings pass gradients straight through. Zero points stay as solved. The loss is the caller's
-``block_loss(W_hat, batch)`` (the block's output error, plus whatever MoE terms it adds). The full
-calibration loss is measured at the start and every ``check_every`` steps, together with the loss on
-held-out calibration batches (the last eighth, which the steps never see); the state with the lowest
-held-out loss among those that also lower the whole calibration loss is returned (else the start), so the
-result never has a higher calibration loss than the start and stops before it overfits. The result is again an
-integer grid (QuantResult), exported like any other solver's.
+``block_loss(W_hat, batch)`` (the block's output error, plus whatever MoE terms it adds). The loss on
+held-out calibration batches (the last eighth, which the steps never see) is measured at the start and
+every ``check_every`` steps; the state with the lowest one is returned if it also lowers the whole
+calibration loss (measured once, at the end), else the start. So the result never has a higher calibration
+loss than the start and stops before it overfits. The result is again an integer grid (QuantResult),
+exported like any other solver's.
 """
 
 from __future__ import annotations
@@ -41,7 +41,7 @@ class TuneKnobs:
     steps: int = 100  # signed-gradient steps per block (one calibration batch each)
     lr: float = 0.005  # initial step of V, decayed linearly to 0
     scale_lr: float = 0.005  # initial step of a, decayed linearly to 0
-    check_every: int = 25  # steps between measurements of the full calibration loss (the best state is kept)
+    check_every: int = 25  # steps between measurements of the held-out loss (the best state is kept)
     max_offset: float = 0.5  # |V| bound: a weight rounds at most to the other neighbour of its position
     max_scale: float = 0.2  # |a| bound: scales within +-20% of the start
     router: float = 0.1  # weight of the router term (KL of FP to quantized routing distribution)
@@ -129,22 +129,19 @@ def tune_block(start: dict[str, QuantResult], batches: list,
     "best_step", "steps", held-out figures}): the start or the state chosen as the module docstring says."""
     params = {n: _Param(r, device, tune_scale=not (r.args.superblock or r.args.ggml)) for n, r in start.items()}
 
-    # the last eighth of the batches (at least one, when there are 4 or more) is held out of the steps:
-    # a state is kept only if it lowers both the whole calibration loss and the held-out loss (no overfit)
+    # the last eighth of the batches (at least one, when there are 4 or more) is held out of the steps
     n_hold = len(batches) // 8 if len(batches) >= 8 else int(len(batches) >= 4)
-    train = batches[:len(batches) - n_hold]
+    train, held = batches[:len(batches) - n_hold], batches[len(batches) - n_hold:] or batches
 
-    def losses() -> tuple[float, float]:
-        """(mean loss over every calibration batch, mean over the held-out ones: the whole mean if none)."""
+    def batch_losses(which: list) -> list[float]:
         with torch.no_grad():
             W = {n: p.weight(scale_dtype) for n, p in params.items()}
-            each = [float(block_loss(W, b)) for b in batches]
-        held = each[len(train):] or each
-        return sum(each) / max(1, len(each)), sum(held) / max(1, len(held))
+            return [float(block_loss(W, b)) for b in which]
 
-    loss0, hold0 = losses()
-    best, best_hold = loss0, hold0
-    best_snap, best_step = {n: p.snapshot() for n, p in params.items()}, 0
+    mean = lambda v: sum(v) / max(1, len(v))  # noqa: E731
+    each = batch_losses(batches)
+    loss0, hold0 = mean(each), mean(each[len(train):] or each)  # the start's whole and held-out losses
+    best_hold, best_snap, best_step = hold0, None, 0
     steps = knobs.steps if batches else 0
     rates = (knobs.lr, knobs.scale_lr)
     with torch.enable_grad():
@@ -160,13 +157,21 @@ def tune_block(start: dict[str, QuantResult], batches: list,
                         g = next(it)
                         if g is not None:
                             t.sub_(decay * lr * g.sign()).clamp_(-bound, bound)
-            if (step + 1) % knobs.check_every == 0 or step + 1 == steps:
-                now, now_hold = losses()
-                if now < loss0 and now_hold < best_hold:
-                    best, best_hold, best_step = now, now_hold, step + 1
+            if (step + 1) % knobs.check_every == 0 or step + 1 == steps:  # held-out batches only: cheap
+                now_hold = mean(batch_losses(held))
+                if now_hold < best_hold:
+                    best_hold, best_step = now_hold, step + 1
                     best_snap = {n: p.snapshot() for n, p in params.items()}
-    for n, p in params.items():
-        p.restore(best_snap[n])
+    best = loss0
+    if best_snap is not None:  # the state with the lowest held-out loss: kept if it lowers the whole loss too
+        for n, p in params.items():
+            p.restore(best_snap[n])
+        best = mean(batch_losses(batches))
+        if best >= loss0:
+            best, best_hold, best_step = loss0, hold0, 0
+    if not best_step:
+        for p in params.values():
+            p.restore([torch.zeros_like(t) for t in p.tensors()])
     info = {"loss_start": loss0, "loss_end": best, "heldout_start": hold0, "heldout_end": best_hold,
             "heldout_batches": n_hold, "kept": "tuned" if best_step else "start", "best_step": best_step, "steps": steps}
     return {n: p.result(scale_dtype) for n, p in params.items()}, info
