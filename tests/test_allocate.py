@@ -332,6 +332,20 @@ def run(capsys, *argv):
     return code, out, err
 
 
+def test_a_full_range_profile_gives_full_range_plans(tiny_ckpt, tmp_path, capsys):
+    """`moeq profile --full-range` measures on full-range grids and records it; plans made from that profile
+    (without repeating the flag) use them too, so quantize writes what was measured."""
+    d = tiny_ckpt("qwen2_moe")
+    code, _, err = run(capsys, "profile", d, "--out", tmp_path / "prof", "--method", "rtn", "--group-size", "32",
+                       "--nsamples", "4", "--seqlen", "32", "--no-predictor", "--no-block-gain", "--full-range")
+    assert code == 0, err
+    assert Profile.load(tmp_path / "prof").full_range
+    code, _, err = run(capsys, "plan", "--profile", tmp_path / "prof", "--out", tmp_path / "p.yaml", "--avg-bits", "3")
+    assert code == 0, err
+    plan = load_plan(tmp_path / "p.yaml")
+    assert plan.default.full_range and all(a is None or a.full_range for a in plan.overrides.values())
+
+
 def test_cli_profile_plan_quantize(tiny_ckpt, tmp_path, capsys):
     d = tiny_ckpt("qwen2_moe")
     flags = ["--method", "rtn", "--group-size", "32", "--nsamples", "4", "--seqlen", "32"]

@@ -55,6 +55,7 @@ class Profile:
     candidates: list[int] = field(default_factory=list)
     group_size: int = 128
     symmetric: bool = True
+    full_range: bool = False  # sensitivities measured on --full-range grids; plans made from it use them
     solver: str | None = None
     sensitivity: dict[str, dict[int, float]] = field(default_factory=dict)  # name -> bits -> error (see .gain)
     block_gain: dict[tuple, dict] = field(default_factory=dict)  # (block, "attn"|"ffn", bits) -> gain, kl, local_error
@@ -258,5 +259,6 @@ def _profile(adapter, calib, opts, cfg, scale_dtype, device, model_name, calib_i
                    calibration=calib_info, tokens=total, usage=usage, outlier=outlier, importance=importance,
                    candidates=list(opts.candidates) if opts.sensitivity else [],
                    group_size=opts.template.group_size, symmetric=opts.template.symmetric,
+                   full_range=opts.template.full_range,
                    solver=solve.solver.name if opts.sensitivity else None, sensitivity=sens, block_gain=gains,
                    seconds={k: round(v, 3) for k, v in secs.items()})

@@ -141,7 +141,7 @@ def make_plan(a, rules, cfg) -> dict:
     else:
         plan = build_plan(prof, rules)
         prov["rules"] = rules.to_dict()
-    full = getattr(a, "full_range", False)
+    full = getattr(a, "full_range", False) or prof.full_range  # a profile measured on full-range grids
     if full:  # every symmetric scheme on all 2^b integers
         plan = full_range_plan(plan)
     stats = plan_stats(plan, prof.modules)
