@@ -10,7 +10,7 @@ to {module name: QuantArgs} by :meth:`BitPlan.resolve`.
 from __future__ import annotations
 
 import re
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 from .quant.act import ActQuantArgs
 from .quant.primitives import QuantArgs
@@ -97,6 +97,10 @@ class BitPlan:
     def resolve(self, names) -> dict[str, QuantArgs | None]:
         """{module name: QuantArgs or None (full precision)} for every name, resolved once per run."""
         return {n: self.args_for(n) for n in names}
+
+    def full_range(self) -> "BitPlan":
+        """``--full-range``: every symmetric scheme (not the K-quant scale grids) on all 2^b integers."""
+        return self.mapped(lambda a: replace(a, full_range=True) if a.symmetric and not a.superblock else a)
 
     def mapped(self, fn) -> "BitPlan":
         """The same plan with every scheme a replaced by fn(a) (None stays None)."""

@@ -6,7 +6,6 @@ method's defaults for flags left unset). Parsing argv itself happens in :mod:`mo
 from __future__ import annotations
 
 import argparse
-from dataclasses import replace
 
 from .config import COVERAGE, FALLBACKS, AWQKnobs, BitPlan, CalibSpec, GPTQKnobs, LWCKnobs, QuantConfig, TuneKnobs
 from .quant.act import ActQuantArgs
@@ -239,11 +238,6 @@ def add_quant_flags(p: argparse.ArgumentParser, method: str = "gptq", group_size
     p.add_argument("--overwrite", action="store_true", help="replace an existing output")
 
 
-def full_range_plan(plan: BitPlan) -> BitPlan:
-    """``--full-range``: every symmetric scheme of the plan (not the K-quant scale grids) on all 2^b integers."""
-    return plan.mapped(lambda s: replace(s, full_range=True) if s.symmetric and not s.superblock else s)
-
-
 def quant_config(a, plan: BitPlan | None = None) -> QuantConfig:
     """The QuantConfig the quantization flags describe (``plan``: default uniform at --bits/--group-size)."""
     full = getattr(a, "full_range", False)
@@ -251,7 +245,7 @@ def quant_config(a, plan: BitPlan | None = None) -> QuantConfig:
         plan = BitPlan(default=QuantArgs(a.bits, a.group_size, a.sym, getattr(a, "kquant_scales", False),
                                          full_range=full))
     elif full:  # a plan file: its symmetric schemes
-        plan = full_range_plan(plan)
+        plan = plan.full_range()
     return QuantConfig(
         method=a.method, plan=plan,
         calib=CalibSpec(a.calib, a.nsamples, a.seqlen, a.seed, a.ebss_width, a.ebss_tau, a.ebss_no_repeat_ngram),

@@ -83,8 +83,7 @@ def _scheme_in(v, default: QuantArgs, where: str) -> QuantArgs | None:
         unknown = set(v) - set(keys)
         if unknown:
             raise ValueError(f"{where}: unknown scheme keys {sorted(unknown)}; use {', '.join(keys)}")
-        return QuantArgs(v.get("num_bits", default.num_bits), v.get("group_size", default.group_size),
-                         *(bool(v.get(k, getattr(default, k))) for k in keys[2:]))
+        return replace(default, **{k: bool(x) if k in keys[2:] else x for k, x in v.items()})
     raise ValueError(f"{where}: a scheme is bits (e.g. 4), a mapping like {{num_bits: 4}} or null, got {v!r}")
 
 

@@ -13,7 +13,6 @@ from dataclasses import replace
 from pathlib import Path
 
 from ..config import BitPlan
-from ..flags import full_range_plan
 from ..models.adapter import ModelAdapter
 from ..models.bundled import DEFAULT_MODEL
 from ..quant.primitives import QuantArgs
@@ -143,7 +142,7 @@ def make_plan(a, rules, cfg) -> dict:
         prov["rules"] = rules.to_dict()
     full = getattr(a, "full_range", False) or prof.full_range  # a profile measured on full-range grids
     if full:  # every symmetric scheme on all 2^b integers
-        plan = full_range_plan(plan)
+        plan = plan.full_range()
     stats = plan_stats(plan, prof.modules)
     measured = None
     if a.measure:
@@ -153,7 +152,7 @@ def make_plan(a, rules, cfg) -> dict:
         if a.avg_bits is not None and math.floor(a.avg_bits) >= 2:
             gs = prof.group_size
             uniform = BitPlan(default=QuantArgs(math.floor(a.avg_bits), gs, prof.symmetric))
-            plans[f"uniform {math.floor(a.avg_bits)}-bit"] = full_range_plan(uniform) if full else uniform
+            plans[f"uniform {math.floor(a.avg_bits)}-bit"] = uniform.full_range() if full else uniform
         measured = measure(a, loaded, prof, plans, cfg, device)
     meta = {"model": prof.model, "model_type": prof.model_type, "summary": stats, "provenance": prov}
     if measured:

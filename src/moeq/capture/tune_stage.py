@@ -4,18 +4,19 @@ For block i, before the solve stage runs (:func:`moeq.capture.fp_stream.fp_pass`
 block's outputs and router logits, and a copy of its FP weights. With ``asymmetric`` (the default) the
 targets come from the FP model's own stream (:mod:`.fp_stream`), so the tuned block also corrects the drift
 the earlier quantized blocks left in its inputs and its routing (the FP model's own expert choices are the
-router target). Without it the FP block reads the quantized stream, as auto-round's default does. After GPTQ has solved the block (:func:`tune_solved`), its integers and
-scales are tuned jointly (:func:`moeq.solvers.blocktune.tune_block`) to minimise
+router target). Without it the FP block reads the quantized stream, as auto-round's default does. After
+the solve stage (RTN, or GPTAQ with ``--tune-start gptaq``) has quantized the block (:func:`tune_solved`),
+its integers and scales are tuned jointly (:func:`moeq.solvers.blocktune.tune_block`) to minimise
 
     ||y_q - y_fp||^2 / ||y_fp||^2                                  block output, relative
     + router * mean_t KL(softmax(l_fp) || softmax(l_q))            routing kept close to FP
     + expert * sum_e sum_t c_te ||E_e^q(x_t) - E_e(x_t)||^2 / sum c_te ||E_e(x_t)||^2
 
-(the expert term compares each expert on every 4th of its rows, held fixed, so it tunes the expert's own
-weights and never pulls the attention that produced them), where l are the router logits on the block's hidden states (l_q: the quantized block on the quantized
-stream; l_fp: the FP block on the FP stream), and the last term compares
-every routed expert (and the shared expert) with its FP weights on the very rows it was given, weighted
-by their combine coefficients c (AGQ's affinity weighting). The block runs through
+where l are the router logits on the block's hidden states (l_q: the quantized block on the quantized
+stream; l_fp: the FP block on the FP stream), and the last term compares every routed expert (and the
+shared expert) with its FP weights on every 4th of the rows it was given, held fixed (so it tunes the
+expert's own weights and never pulls the attention that produced them), weighted by their combine
+coefficients c (AGQ's affinity weighting). The block runs through
 ``torch.func.functional_call`` with the tuned weights substituted, so the model is only modified when the
 tuned grids are written back. Dense blocks get the output term alone.
 """
@@ -68,7 +69,7 @@ class _MoETerms:
             x = args[0].reshape(-1, args[0].shape[-1]).detach().float()  # (n, H): the term tunes the expert only
             x, c = x[::EXPERT_ROW_STRIDE], call.weight.detach().float()[::EXPERT_ROW_STRIDE, None]  # (n/4, H), (n/4, 1)
             with torch.no_grad():
-                y_fp = _mlp(mod, W, x, self.names[name])  # (n, H)
+                y_fp = _mlp(mod, W, x, self.names[name])  # (n/4, H)
             y_q = _mlp(mod, {p: getattr(mod, p).weight.float() for p in self.names[name]}, x, self.names[name])
             self.err = self.err + (c * (y_q - y_fp).pow(2)).sum()
             self.norm = self.norm + float((c * y_fp.pow(2)).sum())
