@@ -124,3 +124,30 @@ def test_tuned_integers_reload_exactly(tiny_ckpt, tmp_path):
         r(input_ids=ids[:, :4])  # the first forward decompresses the packed linears
         cast_floating(r, torch.float32)
         assert float((r(input_ids=ids).logits - m(input_ids=ids).logits).abs().max()) < 1e-4
+
+
+def test_steps_run_in_the_requested_precision():
+    """bf16 autocast for the steps when asked (or, with "auto", where bf16 matmuls are native); the measurements
+    that choose the result stay fp32, so the never-above-the-start check is the fp32 loss in both modes."""
+    from moeq.solvers.blocktune import fast_bf16, step_autocast
+
+    x, w = torch.randn(4, 8), torch.randn(3, 8)
+    for precision, want in (("bf16", torch.bfloat16), ("fp32", torch.float32),
+                            ("auto", torch.bfloat16 if fast_bf16("cpu") else torch.float32)):
+        with step_autocast("cpu", precision):
+            assert torch.nn.functional.linear(x, w).dtype == want, precision
+    G.manual_seed(0)  # the first test's toy, whatever ran before
+    start, batches, loss = _toy()
+    seen = []
+
+    def recording(W, batch):
+        seen.append((torch.nn.functional.linear(batch[0][:1], W["l1"]).dtype, torch.is_grad_enabled()))
+        return loss(W, batch)
+    for precision in ("bf16", "fp32"):
+        seen.clear()
+        tuned, info = tune_block(start, batches, recording, TuneKnobs(steps=60, precision=precision), "cpu")
+        steps = {d for d, grad in seen if grad}  # the steps run with gradients, the measurements without
+        assert steps == {torch.bfloat16 if precision == "bf16" else torch.float32}
+        assert {d for d, grad in seen if not grad} == {torch.float32}
+        assert info["kept"] == "tuned" and info["loss_end"] < info["loss_start"]
+        assert abs(info["loss_end"] - _calib_loss(tuned, batches, loss)) < 1e-5

@@ -10,7 +10,7 @@ import argparse
 from .config import COVERAGE, FALLBACKS, AWQKnobs, BitPlan, CalibSpec, GPTQKnobs, LWCKnobs, QuantConfig, TuneKnobs
 from .quant.act import ActQuantArgs
 from .quant.primitives import QuantArgs
-from .solvers.blocktune import TUNE_STARTS
+from .solvers.blocktune import TUNE_PRECISIONS, TUNE_STARTS
 
 
 def csv_list(s: str) -> tuple[str, ...]:
@@ -208,18 +208,21 @@ def add_quant_flags(p: argparse.ArgumentParser, method: str = "gptq", group_size
     p.add_argument("--gptaq", action=argparse.BooleanOptionalAction, default=None,
                    help="GPTQ-based methods: match the FP model's outputs on its own activations (GPTAQ; default: "
                         "the method's, on for --method gptaq)")
-    p.add_argument("--tune-steps", type=int_range(0), default=100,
-                   help="blocktune: signed-gradient steps per block, one calibration batch each (default 100)")
-    p.add_argument("--tune-lr", type=float_range(0), default=0.005,
-                   help="blocktune: initial step of the rounding offsets, decayed linearly to 0 (default 0.005)")
-    p.add_argument("--tune-scale-lr", type=float_range(0, None, lo_closed=True), default=0.005,
-                   help="blocktune: initial step of the scale factors (default 0.005; 0 keeps the solved scales)")
+    p.add_argument("--tune-steps", type=int_range(0), default=200,
+                   help="blocktune: signed-gradient steps per block, one calibration batch each (default 200)")
+    p.add_argument("--tune-lr", type=float_range(0), default=0.01,
+                   help="blocktune: initial step of the rounding offsets, decayed linearly to 0 (default 0.01)")
+    p.add_argument("--tune-scale-lr", type=float_range(0, None, lo_closed=True), default=0.01,
+                   help="blocktune: initial step of the scale factors (default 0.01; 0 keeps the solved scales)")
     p.add_argument("--tune-router", type=float_range(0, None, lo_closed=True), default=0.1,
                    help="blocktune: weight of the router KL term (default 0.1; 0 turns it off)")
     p.add_argument("--tune-expert", type=float_range(0, None, lo_closed=True), default=0.1,
                    help="blocktune: weight of the affinity-weighted expert-output term (default 0.1; 0 turns it off)")
     p.add_argument("--tune-start", choices=TUNE_STARTS, default="rtn",
                    help="blocktune: the grid it starts from, rtn (SignRound's start, default) or gptaq")
+    p.add_argument("--tune-precision", choices=TUNE_PRECISIONS, default="auto",
+                   help="blocktune: the tuning steps' matmuls, bf16 autocast or fp32; auto (default): bf16 where the "
+                        "device runs it natively (CUDA with bf16, CPUs with AVX512-BF16/AMX), else fp32")
     p.add_argument("--tune-asymmetric", action=argparse.BooleanOptionalAction, default=True,
                    help="blocktune: targets from the FP model's own activations, carried next to the quantized ones "
                         "(default); --no-tune-asymmetric: the FP block on the quantized inputs (auto-round's way)")
@@ -254,7 +257,8 @@ def quant_config(a, plan: BitPlan | None = None) -> QuantConfig:
         batch_size=a.batch_size, gptaq=a.gptaq, agq=a.agq, agq_gate_proj=a.agq_gate_proj,
         awq=AWQKnobs(grid=a.awq_grid, clip=a.awq_clip), lwc=LWCKnobs(epochs=a.lwc_epochs, lr=a.lwc_lr),
         tune=TuneKnobs(steps=a.tune_steps, lr=a.tune_lr, scale_lr=a.tune_scale_lr, router=a.tune_router,
-                       expert=a.tune_expert, asymmetric=a.tune_asymmetric, start=a.tune_start),
+                       expert=a.tune_expert, asymmetric=a.tune_asymmetric, start=a.tune_start,
+                       precision=a.tune_precision),
         rotate=a.rotate, rotate_seed=a.rotation_seed, online_hadamard=a.online_hadamard,
         act=ActQuantArgs(a.act_bits, a.act_clip) if a.act_bits else None)
 

@@ -14,7 +14,9 @@ signed gradient descent, a fixed number of steps, the step size decaying linearl
   a scale change re-rounds the weights (SignRound's min-max tuning, for a scale).
 
 Roundings pass gradients straight through. Zero points stay as solved. The loss is the caller's
-``block_loss(W_hat, batch)`` (the block's output error, plus whatever MoE terms it adds). The loss on
+``block_loss(W_hat, batch)`` (the block's output error, plus whatever MoE terms it adds); the steps run it
+under bf16 autocast where bf16 matmuls are native (``precision``; as auto-round does: about 4x faster
+matmuls on an AVX512-BF16 CPU), every measurement that chooses the result runs it in fp32. The loss on
 held-out calibration batches (the last eighth, which the steps never see) is measured at the start and
 every ``check_every`` steps; the state with the lowest one is returned if it also lowers the whole
 calibration loss (measured once, at the end), else the start. So the result never has a higher calibration
@@ -34,13 +36,29 @@ from .base import QuantResult
 
 
 TUNE_STARTS = ("rtn", "gptaq")
+TUNE_PRECISIONS = ("auto", "bf16", "fp32")
+
+
+def fast_bf16(device) -> bool:
+    """Whether bf16 matmuls are native on ``device`` (a CUDA GPU with bf16, or a CPU with AVX512-BF16/AMX)."""
+    dev = torch.device(device)
+    if dev.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    return dev.type == "cpu" and torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+
+
+def step_autocast(device, precision: str):
+    """The autocast context the tuning steps run in: bf16 for "bf16", or for "auto" where it is native."""
+    dev = torch.device(device)
+    on = precision == "bf16" or (precision == "auto" and fast_bf16(dev))
+    return torch.autocast(dev.type, dtype=torch.bfloat16, enabled=on and dev.type in ("cpu", "cuda"))
 
 
 @dataclass(frozen=True)
 class TuneKnobs:
-    steps: int = 100  # signed-gradient steps per block (one calibration batch each)
-    lr: float = 0.005  # initial step of V, decayed linearly to 0
-    scale_lr: float = 0.005  # initial step of a, decayed linearly to 0
+    steps: int = 200  # signed-gradient steps per block (one calibration batch each; SignRound's 200)
+    lr: float = 0.01  # initial step of V, decayed linearly to 0
+    scale_lr: float = 0.01  # initial step of a, decayed linearly to 0
     check_every: int = 25  # steps between measurements of the held-out loss (the best state is kept)
     max_offset: float = 0.5  # |V| bound: a weight rounds at most to the other neighbour of its position
     max_scale: float = 0.2  # |a| bound: scales within +-20% of the start
@@ -48,6 +66,7 @@ class TuneKnobs:
     expert: float = 0.1  # weight of the affinity-weighted expert-output term
     asymmetric: bool = True  # targets from the FP model's own stream (False: the FP block on the quantized stream)
     start: str = "rtn"  # the grid the tuner starts from: "rtn" (SignRound's start) or "gptaq"
+    precision: str = "auto"  # the steps' matmuls: "bf16" autocast, "fp32", or "auto" (bf16 where native)
 
     def __post_init__(self):
         if self.steps < 0 or self.lr <= 0 or self.scale_lr < 0 or self.check_every < 1 or not 0 < self.max_offset or not 0 <= self.max_scale < 1:
@@ -55,6 +74,8 @@ class TuneKnobs:
                              "(scale bound below 1)")
         if self.start not in TUNE_STARTS:
             raise ValueError(f"--tune-start must be one of {', '.join(TUNE_STARTS)}, got {self.start!r}")
+        if self.precision not in TUNE_PRECISIONS:
+            raise ValueError(f"--tune-precision must be one of {', '.join(TUNE_PRECISIONS)}, got {self.precision!r}")
         if self.router < 0 or self.expert < 0:
             raise ValueError("--tune-router and --tune-expert must be >= 0")
 
@@ -148,7 +169,8 @@ def tune_block(start: dict[str, QuantResult], batches: list,
         for step in range(steps):
             decay = 1 - step / steps  # linear decay to 0
             W = {n: p.weight(scale_dtype) for n, p in params.items()}
-            loss = block_loss(W, train[step % len(train)])
+            with step_autocast(device, knobs.precision):
+                loss = block_loss(W, train[step % len(train)])
             grads = torch.autograd.grad(loss, [t for p in params.values() for t in p.tensors()], allow_unused=True)
             with torch.no_grad():
                 it = iter(grads)
