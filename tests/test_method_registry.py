@@ -12,6 +12,7 @@ from moeq.cli import main
 from moeq.methods import ALIASES, METHODS, Method, get_method, register_method
 from moeq.quant.primitives import compute_qparams, quantize as grid_quantize
 from moeq.solvers.base import QuantResult
+from moeq.solvers.blocktune import TuneKnobs
 from moeq.solvers.registry import SOLVERS, Solver, register_solver
 
 MODEL = "mixtral-tiny"
@@ -28,11 +29,12 @@ def _tensors(d):
 @pytest.mark.parametrize("method", list(METHODS))
 def test_api_and_cli_write_byte_identical_tensors(method, tmp_path, monkeypatch):
     monkeypatch.setenv("MOEQ_CACHE", str(tmp_path / "cache"))  # EBSS sets are generated fresh, then shared
+    # the block tuner's steps cut to 10 (for every method: the others ignore them) to keep the test fast
     api = moeq.quantize(MODEL, moeq.QuantConfig(method=method, plan=moeq.BitPlan(moeq.QuantArgs(num_bits=4,
-                        group_size=128)), calib=moeq.CalibSpec(nsamples=2, seqlen=32, seed=0)), tmp_path / "api",
-                        skip_eval=True)
+                        group_size=128)), calib=moeq.CalibSpec(nsamples=2, seqlen=32, seed=0),
+                        tune=TuneKnobs(steps=10)), tmp_path / "api", skip_eval=True)
     code = main(["quantize", MODEL, "--method", method, "--bits", "4", "--group-size", "128", "--nsamples", "2",
-                 "--seqlen", "32", "--seed", "0", "--skip-eval", "--out", str(tmp_path / "cli")])
+                 "--seqlen", "32", "--seed", "0", "--tune-steps", "10", "--skip-eval", "--out", str(tmp_path / "cli")])
     assert code == 0
     a, b = _tensors(tmp_path / "api"), _tensors(tmp_path / "cli")
     assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
