@@ -226,6 +226,67 @@ def test_q6k_attention_q3k_experts_run_in_llama_cpp(tmp_path, tokenizer):
     assert med < 0.15 and abs(ppl_llama / ppl_moeq - 1) < 0.01, (med, ppl_llama, ppl_moeq)
 
 
+KMIN = {"Q2_K": QuantArgs(2, 16, False, True), "Q4_K": QuantArgs(4, 32, False, True),
+        "Q5_K": QuantArgs(5, 32, False, True)}
+
+
+@pytest.mark.parametrize("qtype", ["Q2_K", "Q4_K", "Q5_K"])
+def test_kquant_float_minimum_grids_pack_exactly(qtype):
+    """--kquant-scales --asym grids are llama.cpp's Q2_K / Q4_K / Q5_K blocks: per super-block, scales d k and
+    minima dmin n with fp16 d, dmin and small integers k, n; gguf-py's dequantizer gives moeq's values."""
+    from moeq.export.gguf_quant import KMIN_BYTES, fits_km, kmgrid_from, pack_km
+    from moeq.quant.primitives import compute_qparams, quantize as grid_quantize
+
+    args = KMIN[qtype]
+    kmax, per = args.kmax, 256 // args.group_size
+    W = torch.randn(8, 512, generator=torch.Generator().manual_seed(args.num_bits)) ** 3 - 0.3  # skewed rows
+    s, z = compute_qparams(W, args, torch.bfloat16)  # (8, G)
+    m = (z - args.qmin) * s  # (8, G) the float minima
+    assert not torch.equal(z, z.round()) and (m >= -1e-6).all()
+    for x, lo in ((s, 1), (m, 0)):  # both on their super-block's fp16 factor times an integer in [lo, kmax]
+        x = x.view(8, -1, per).double()
+        d = (x.amax(-1, keepdim=True) / kmax).half().double()
+        k = x / d
+        assert ((k - k.round()).abs() < 1e-4).all() and k.round().min() >= lo and k.round().max() <= kmax
+    q = grid_quantize(W, s, z, args)
+    Wq = (q - z.repeat_interleave(args.group_size, 1)) * s.repeat_interleave(args.group_size, 1)
+    assert (Wq - W).abs().max() < s.max()  # a grid step at most (clipped ends included)
+    g = kmgrid_from(q.numpy(), s.numpy(), z.numpy(), args.num_bits)
+    assert g.qtype == qtype and fits_km(g, qtype) and not fits_km(g, "Q4_K" if qtype != "Q4_K" else "Q5_K")
+    raw, t = pack_km(g, qtype)
+    assert t.name == qtype and raw.shape == (8, 2 * KMIN_BYTES[qtype])
+    got = gguf.quants.dequantize(raw, t).reshape(8, 512)
+    assert np.allclose(got, Wq.numpy(), rtol=0, atol=1e-6 * float(W.abs().max()))  # fp32 rounding of z only
+
+
+@pytest.mark.parametrize("experts, attention, method", [("Q4_K", "Q5_K", "gptq"), ("Q2_K", "Q4_K", "blocktune")])
+def test_float_minimum_kquants_run_in_llama_cpp(tmp_path, tokenizer, experts, attention, method):
+    plan = BitPlan(default=KMIN[experts], rules=[(r".*self_attn\..*", KMIN[attention])])
+    rep, m = _export("mixtral-tiny", tmp_path / "o", plan=plan, method=method, formats=("gguf",))
+    assert rep["gguf"]["types"][experts] == 4 * 3 and rep["gguf"]["types"][attention] == 4 * 4
+    assert not rep["gguf"]["f32_linears"] and not list((tmp_path / "o").glob("*.safetensors"))
+    bits = {"Q2_K": 2.625, "Q4_K": 4.5, "Q5_K": 5.5}
+    assert bits[experts] < rep["avg_bits_with_overhead"] < bits[attention]  # stored bits per weight, as ggml stores
+    reader = gguf.GGUFReader(str(tmp_path / "o" / "model.gguf"))  # the in-memory weights are llama.cpp's values
+    t = next(t for t in reader.tensors if t.name == "blk.0.ffn_down_exps.weight")
+    got = gguf.quants.dequantize(t.data, t.tensor_type)  # (E, hidden, inter)
+    mem = m.state_dict()["model.layers.0.mlp.experts.down_proj"].float().numpy()  # (E, hidden, inter)
+    assert np.allclose(got, mem, rtol=0, atol=1e-6 * np.abs(mem).max())
+    windows = [w.tolist() for w in wikitext2_windows(tokenizer, 256, None).ids[:2]]
+    med, ppl_llama, ppl_moeq = _compare("mixtral-tiny", tmp_path / "o", m, windows)
+    assert med < 0.15 and abs(ppl_llama / ppl_moeq - 1) < 0.01, (med, ppl_llama, ppl_moeq)
+
+
+def test_float_minimum_kquants_are_gguf_only(tmp_path, capsys):
+    with pytest.raises(ValueError, match="--bits 4/5 --group-size 32"):
+        QuantArgs(4, 16, False, superblock=True)
+    code = main(["quantize", "mixtral-tiny", "--bits", "4", "--group-size", "32", "--asym", "--kquant-scales",
+                 "--skip-eval", "--out", str(tmp_path / "o")])
+    err = capsys.readouterr().err
+    assert code == 2 and "compressed-tensors cannot store" in err and "--format gguf" in err
+    assert len(err.strip().splitlines()) == 1 and not (tmp_path / "o").exists()
+
+
 def test_kquant_scales_need_their_layout(tmp_path, capsys):
     with pytest.raises(ValueError, match="--group-size 16"):
         QuantArgs(3, 32, True, superblock=True)

@@ -163,9 +163,10 @@ def add_quant_flags(p: argparse.ArgumentParser, method: str = "gptq", group_size
     sym.add_argument("--sym", dest="sym", action="store_true", default=True, help="symmetric grid (default)")
     sym.add_argument("--asym", dest="sym", action="store_false", help="asymmetric grid with zero points")
     p.add_argument("--kquant-scales", action="store_true",
-                   help="llama.cpp's K-quant scale grid (with --group-size 16, --bits 3 -> Q3_K, 4-6 -> Q6_K): "
-                        "each 256-column super-block's scales are a power of two times a small integer, so "
-                        "--format gguf stores the grid exactly in 3.4 / 6.6 bits per weight")
+                   help="llama.cpp's K-quant grids, stored exactly by --format gguf: with --sym --group-size 16, "
+                        "--bits 2-3 -> Q3_K, 4-6 -> Q6_K (3.4 / 6.6 bits per weight); with --asym (float minima, "
+                        "GGUF only) --bits 2 --group-size 16 -> Q2_K, --bits 4 / 5 --group-size 32 -> Q4_K / Q5_K "
+                        "(2.6 / 4.5 / 5.5 bits per weight)")
     p.add_argument("--full-range", action="store_true",
                    help="symmetric grid on all 2^b integers: scale +-max|w| / 2^(b-1), signed so that the larger "
                         "extreme is exact (auto-round's and llama.cpp's Q4_0 rule; better at 2-3 bits)")

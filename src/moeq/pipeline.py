@@ -157,8 +157,9 @@ def quantize(model: str | None, cfg: QuantConfig, out: str | Path | None, *, dev
     check_plan(adapter, cfg)
     storage = None
     if out_path is not None and export_blocker(cfg) is None:  # how each unit is stored; refused before any work
-        check_formats(options.formats, info, options.gguf_pre)
-        storage, records = run_storage(adapter, cfg.plan.resolve([li.name for li in adapter.linears()]),
+        resolved = cfg.plan.resolve([li.name for li in adapter.linears()])
+        check_formats(options.formats, info, options.gguf_pre, resolved)
+        storage, records = run_storage(adapter, resolved,
                                        transformers_units="compressed-tensors" in options.formats)
     tokenizer = load_tokenizer(info.path, trust_remote_code)
     secs["load"] += time.perf_counter() - t

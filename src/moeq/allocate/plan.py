@@ -227,7 +227,8 @@ def plan_stats(plan: BitPlan, modules: list[ModuleRecord]) -> dict:
             fp += r.params
             continue
         rows.append({"bits": a.num_bits, "params": r.params, "out_features": r.out_features,
-                     "in_features": r.in_features, "group_size": a.group_size, "symmetric": a.symmetric})
+                     "in_features": r.in_features, "group_size": a.group_size, "symmetric": a.symmetric,
+                     "group_bits": a.group_bits()})
         by_bits[a.num_bits] += r.params
         by_role.setdefault(r.role, []).append(rows[-1])
     out = bit_stats(rows)

@@ -130,14 +130,14 @@ def _write_back(ctx, solved: dict[str, tuple[QuantResult, dict]], out: BlockSolv
     for name, (res, row) in solved.items():
         mod = ctx.adapter.module(name)
         W_hat = res.dequantize()  # (out, in) fp32
-        if storage_dtype is not None:
+        if storage_dtype is not None and not res.args.float_zero:  # K-quant minima: GGUF-only, llama.cpp's fp32 values
             W_hat = W_hat.to(storage_dtype)
         mod.weight.data = W_hat.to(mod.weight.dtype).to(mod.weight.device)
         li = infos[name]
         out.results[name] = res
         out.rows[name] = {"name": name, "block": li.block, "role": li.role, "expert": li.expert,
                           "bits": res.args.num_bits, "group_size": res.args.group_size,
-                          "symmetric": res.args.symmetric, "params": res.q.numel(),
+                          "symmetric": res.args.symmetric, "group_bits": res.args.group_bits(), "params": res.q.numel(),
                           "out_features": res.q.shape[0], "in_features": res.q.shape[1], **row}
 
 

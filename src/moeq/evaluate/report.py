@@ -44,7 +44,8 @@ def build_report(name: str, info, model, adapter, cfg, calib, rows: list[dict], 
 
 def bit_stats(rows: list[dict], scale_bits: int = 16) -> dict:
     """Average bits over the quantized linears: sum(bits x params) / sum(params), and the same
-    including one scale (and zero point, when asymmetric) per group and output row."""
+    including what each group and output row stores besides its integers (``group_bits``: a scale, and a zero
+    point when asymmetric; K-quant grids their share of the super-block, :meth:`QuantArgs.group_bits`)."""
     params = sum(r["params"] for r in rows)
     if params == 0:
         return {"avg_bits": None, "avg_bits_with_overhead": None, "quantized_params": 0}
@@ -53,7 +54,7 @@ def bit_stats(rows: list[dict], scale_bits: int = 16) -> dict:
     for r in rows:
         out_rows = r["out_features"]
         groups = 1 if r["group_size"] == -1 else r["in_features"] // r["group_size"]
-        overhead += out_rows * groups * (scale_bits + (0 if r["symmetric"] else r["bits"]))
+        overhead += out_rows * groups * r.get("group_bits", scale_bits + (0 if r["symmetric"] else r["bits"]))
     return {"avg_bits": bits / params, "avg_bits_with_overhead": (bits + overhead) / params,
             "quantized_params": params}
 

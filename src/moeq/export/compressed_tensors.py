@@ -95,15 +95,19 @@ def quantization_config(adapter: ModelAdapter, schemes: dict[str, QuantArgs], ac
 
 
 def packed_tensors(prefix: str, r: QuantResult, scale_dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    """compressed-tensors pack-quantized tensors of one linear."""
+    """compressed-tensors pack-quantized tensors of one linear. A K-quant float-minimum grid (GGUF-only: the run
+    refuses compressed-tensors output for it) keeps fp32 scales and float zero points, unpacked, in the shards
+    the run streams and converts to GGUF."""
     from compressed_tensors.compressors.pack_quantized.helpers import pack_to_int32
 
     out = {
         f"{prefix}.weight_packed": pack_to_int32(r.q.to(torch.int8).contiguous(), r.args.num_bits).contiguous(),
-        f"{prefix}.weight_scale": r.scale.to(scale_dtype).contiguous(),
+        f"{prefix}.weight_scale": r.scale.to(torch.float32 if r.args.float_zero else scale_dtype).contiguous(),
         f"{prefix}.weight_shape": torch.tensor(list(r.q.shape), dtype=torch.int64),
     }
-    if not r.args.symmetric:
+    if r.args.float_zero:
+        out[f"{prefix}.weight_zero_point"] = r.zero.float().contiguous()
+    elif not r.args.symmetric:
         out[f"{prefix}.weight_zero_point"] = pack_to_int32(r.zero.to(torch.int8).contiguous(), r.args.num_bits,
                                                            packed_dim=0).contiguous()
     return out

@@ -11,7 +11,8 @@ range for b' >= b (compressed-tensors' signed convention), and a group's scale a
 over sub-groups of size g' | g give the same values. So each unit is stored in its *container*: the
 widest member's bits, a group size dividing every member's, the members' (common) symmetry. The
 dequantized weights are identical to the ones moeq evaluated; only the stored bits grow. A unit that
-mixes full precision with integers, or symmetric with asymmetric grids, has no container: refused.
+mixes full precision with integers, symmetric with asymmetric grids, or a K-quant float-minimum grid with
+another one has no container: refused.
 """
 
 from __future__ import annotations
@@ -40,6 +41,8 @@ def container(members: list[tuple[ModuleRecord, QuantArgs]]) -> QuantArgs:
     syms = {a.symmetric for _, a in members}
     if len(syms) > 1:
         raise ValueError("mixes symmetric and asymmetric grids")
+    if any(a.float_zero for _, a in members):  # a wider grid would move the minima off their super-block grid
+        raise ValueError("mixes a K-quant float-minimum grid (Q2_K/Q4_K/Q5_K) with other grids")
     if all(a.group_size == -1 for _, a in members):
         gs = -1
     else:
@@ -68,7 +71,7 @@ def storage_schemes(records: list[ModuleRecord], schemes: dict[str, QuantArgs | 
             c = container(quantized)
         except ValueError as e:
             raise ValueError(f"the plan {e} inside {where}; loaders read one scheme for all of them: "
-                             "use one of --sym/--asym for the whole unit") from None
+                             "give the whole unit one scheme (one of --sym/--asym, one K-quant type)") from None
         out.update({r.name: c for r, _ in quantized})
     return out
 

@@ -28,12 +28,17 @@ def ggml_grid(a):
     (so they are exact Q4_1 blocks); everything else unchanged."""
     from dataclasses import replace
 
-    wanted = (a.symmetric and a.num_bits == 8) or (not a.symmetric and a.num_bits <= 4)
+    wanted = not a.superblock and ((a.symmetric and a.num_bits == 8) or (not a.symmetric and a.num_bits <= 4))
     return replace(a, ggml=True) if wanted and not a.ggml else a
 
 
-def check_formats(formats, info, pre: str | None) -> None:
-    """Before any work: the model's architecture and tokenizer can be written as GGUF."""
+def check_formats(formats, info, pre: str | None, plan: dict) -> None:
+    """Before any work: compressed-tensors can hold every grid of the resolved ``plan`` ({linear: QuantArgs or
+    None}), and the model's architecture and tokenizer can be written as GGUF."""
+    kmin = next((n for n, a in plan.items() if a is not None and a.float_zero), None)
+    if "compressed-tensors" in formats and kmin is not None:
+        raise ValueError(f"{kmin} is on a K-quant float-minimum grid (--kquant-scales --asym: llama.cpp's Q2_K/Q4_K/"
+                         "Q5_K), whose float zero points compressed-tensors cannot store; pass --format gguf")
     if "gguf" not in formats:
         return
     from ..models.registry import get_spec

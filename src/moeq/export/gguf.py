@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from .gguf_arch import deinterleave_rope, gguf_arch, rope_permute, write_hparams
-from .gguf_quant import Grid, KGrid, choose_any, grid_from, kgrid_from, pack_any, pack_stack
+from .gguf_quant import GRIDS, choose_any, grid_from, kgrid_from, kmgrid_from, pack_any, pack_stack
 
 
 def check_tokenizer(folder: Path, pre: str | None) -> tuple[dict, str]:
@@ -78,7 +78,7 @@ def _tokenizer(w, folder: Path, cfg: dict, pre: str | None) -> None:
 
 
 class _Source:
-    """A moeq output: its tensors under moeq's module names, linears as :class:`Grid` (or float values)."""
+    """A moeq output: its tensors under moeq's module names, linears as grids (:mod:`.gguf_quant`) or float values."""
 
     def __init__(self, folder: Path):
         import torch
@@ -101,13 +101,14 @@ class _Source:
     def keys(self) -> list[str]:
         return list(self.reader.where)
 
-    def linear(self, ckpt_module: str) -> Grid | np.ndarray:
+    def linear(self, ckpt_module: str):
         """A linear's grid (packed), or its float values (kept in full precision, or not on 32-blocks)."""
         parts = self.reader.packed_parts(ckpt_module)
         if parts is None:
             return self.tensor(f"{ckpt_module}.weight")
-        q, scale, zero, _ = self.reader.grid(ckpt_module, list(self.reader.read(parts).values()))
-        g = grid_from(q.numpy(), scale.numpy(), zero.numpy()) or kgrid_from(q.numpy(), scale.numpy(), zero.numpy())
+        q, scale, zero, args = self.reader.grid(ckpt_module, list(self.reader.read(parts).values()))
+        q, scale, zero = q.numpy(), scale.numpy(), zero.numpy()
+        g = grid_from(q, scale, zero) or kgrid_from(q, scale, zero) or kmgrid_from(q, scale, zero, args.num_bits)
         if g is None:
             from ..quant.primitives import dequantize
 
@@ -168,10 +169,10 @@ def _write(folder: Path, out: Path, tmp: Path, pre: str | None) -> dict:
                 w.add_tensor(gname, raw, raw_dtype=gt)
                 types[gt.name] += 1
                 return
-            if any(isinstance(v, (Grid, KGrid)) for v in value):
+            if any(isinstance(v, GRIDS) for v in value):
                 fallbacks.append(gname)
-            value = np.stack([v.values() if isinstance(v, (Grid, KGrid)) else v for v in value])
-        elif isinstance(value, (Grid, KGrid)):
+            value = np.stack([v.values() if isinstance(v, GRIDS) else v for v in value])
+        elif isinstance(value, GRIDS):
             t = choose_any([value])
             raw, gt = pack_any(value, t)
             w.add_tensor(gname, raw, raw_dtype=gt)
@@ -233,7 +234,9 @@ def _file_type(types: Counter):
 
     ft = {"Q4_0": gguf.LlamaFileType.MOSTLY_Q4_0, "Q4_1": gguf.LlamaFileType.MOSTLY_Q4_1,
           "Q8_0": gguf.LlamaFileType.MOSTLY_Q8_0, "Q3_K": gguf.LlamaFileType.MOSTLY_Q3_K_M,
-          "Q6_K": gguf.LlamaFileType.MOSTLY_Q6_K, "BF16": gguf.LlamaFileType.MOSTLY_BF16}
+          "Q6_K": gguf.LlamaFileType.MOSTLY_Q6_K, "Q2_K": gguf.LlamaFileType.MOSTLY_Q2_K,
+          "Q4_K": gguf.LlamaFileType.MOSTLY_Q4_K_M, "Q5_K": gguf.LlamaFileType.MOSTLY_Q5_K_M,
+          "BF16": gguf.LlamaFileType.MOSTLY_BF16}
     quant = [(n, t) for t, n in types.items() if t in ft and t != "BF16"]
     return ft[max(quant)[1]] if quant else gguf.LlamaFileType.ALL_F32
 
@@ -262,7 +265,7 @@ def _flush(pending: dict, put, a, cfg: dict, src: _Source) -> None:
 
 
 def _rows(v, fn):
-    return v.rows(fn) if isinstance(v, (Grid, KGrid)) else fn(v)
+    return v.rows(fn) if isinstance(v, GRIDS) else fn(v)
 
 
 def _rewrite(name: str, v, a, cfg: dict, values: dict, src: _Source):
@@ -285,7 +288,7 @@ def _rewrite(name: str, v, a, cfg: dict, values: dict, src: _Source):
             base = name[: -len("kv_b_proj.weight")]
             # v_b (nh, v, kvr): rows of kv_b, blocks kept (stacked per head); k_b (nh, kvr, nope): a transpose
             values[base + "v_b_proj.weight"] = [_rows(v, lambda x, h=h: head(x)[h, nope:]) for h in range(nh)]
-            dense = v.values() if isinstance(v, (Grid, KGrid)) else np.asarray(v)
+            dense = v.values() if isinstance(v, GRIDS) else np.asarray(v)
             values[base + "k_b_proj.weight"] = np.ascontiguousarray(head(dense)[:, :nope].transpose(0, 2, 1))
             return None
     return v

@@ -24,6 +24,17 @@ integer k <= 31 / 127) are :class:`KGrid` grids and go to the K-quant types (ggm
   hmask[l] (h = e // 128, j = e % 128 // 32, l = e % 32), sub-block e // 16 its 6-bit scale k + 32;
 * Q6_K ``{u8 ql[128]; u8 qh[64]; i8 scales[16]; fp16 d}`` (6.56 bits/weight) when q in [-32, 31], k <= 127:
   u = q + 32, its low nibble in ql, its high 2 bits in qh, interleaved per 32-element quarter (c = e % 128 // 32).
+
+Asymmetric K-quant grids (``--kquant-scales --asym``: float zero points z = qmin + m / s, values (q - z) s =
+u s - m with u = q - qmin) are :class:`KMGrid` grids: per super-block s = d k and m = dmin n with fp16 d, dmin
+and integers k, n (llama.cpp's value u d k - dmin n):
+
+* Q2_K ``{u8 scales[16]; u8 qs[64]; fp16 d; fp16 dmin}`` (2.63 bits/weight), 2-bit grids of 16 columns,
+  k, n <= 15: scales[e // 16] = k | n << 4, u in bits 2j..2j+1 of qs[32 h + e % 32] (Q3_K's qs layout);
+* Q4_K ``{fp16 d; fp16 dmin; u8 scales[12]; u8 qs[128]}`` (4.5) and Q5_K ``{fp16 d; fp16 dmin; u8 scales[12];
+  u8 qh[32]; u8 qs[128]}`` (5.5), 4- / 5-bit grids of 32 columns, k, n <= 63: the 8 6-bit (k, n) pairs packed as
+  ggml's get_scale_min_k4 reads them; in each 64-element chunk c element l (< 32) is the low nibble of
+  qs[32 c + l] and element 32 + l the high one; Q5_K's fifth bit is bit 2c (resp. 2c + 1) of qh[l].
 """
 
 from __future__ import annotations
@@ -64,7 +75,7 @@ def grid_from(q: np.ndarray, scale: np.ndarray, zero: np.ndarray) -> Grid | None
     """Blocks of 32 from a (q, per-group scale, zero) grid; None when its groups do not align with 32-blocks."""
     out, inp = q.shape
     groups = scale.shape[1]
-    if inp % QK or inp % groups or (inp // groups) % QK:
+    if inp % QK or inp % groups or (inp // groups) % QK or not np.array_equal(zero, np.round(zero)):
         return None
     k = (inp // groups) // QK
     return Grid(q.astype(np.int16), np.repeat(scale.astype(np.float32), k, 1), np.repeat(zero.astype(np.int16), k, 1))
@@ -194,10 +205,112 @@ def pack_k(g: KGrid, qtype: str) -> tuple[np.ndarray, GT]:
     return raw.reshape(out, nb * 210), GT.Q6_K
 
 
+KMIN_TYPES = {(2, 16): "Q2_K", (4, 32): "Q4_K", (5, 32): "Q5_K"}  # (bits, columns per group) -> type
+KMIN_BYTES = {"Q2_K": 84, "Q4_K": 144, "Q5_K": 176}
+
+
+@dataclass
+class KMGrid:
+    """One linear's K-quant float-minimum grid: value = (q - z) * s, z = qmin + m / s a float."""
+
+    q: np.ndarray  # (out, in) int, in % 256 == 0
+    s: np.ndarray  # (out, in // gs) float32
+    z: np.ndarray  # (out, in // gs) float32
+    bits: int
+
+    @property
+    def gs(self) -> int:
+        return self.q.shape[1] // self.s.shape[1]
+
+    @property
+    def qtype(self) -> str | None:
+        return KMIN_TYPES.get((self.bits, self.gs))
+
+    def values(self) -> np.ndarray:
+        return ((self.q - np.repeat(self.z, self.gs, 1)) * np.repeat(self.s, self.gs, 1)).astype(np.float32)
+
+    def rows(self, fn) -> "KMGrid":
+        return KMGrid(fn(self.q), fn(self.s), fn(self.z), self.bits)
+
+    def superblocks(self):
+        """(d, dmin (out, nb) fp16 numbers, k, n (out, nb, per) ints) with s = d k and m = dmin n, or None.
+        s = d k is exact (moeq snapped it so: the largest k is the type's maximum); the minima m = (z - qmin) s
+        carry fp32 rounding from z, so n = round(m / dmin) is accepted when it rebuilds every value of the
+        super-block to within 1e-4 of its grid step."""
+        kmax = 15 if self.bits == 2 else 63
+        out, nb = self.q.shape[0], self.q.shape[1] // QKK
+        s = self.s.reshape(out, nb, -1)  # (out, nb, per)
+        m = ((self.z + (1 << (self.bits - 1))) * self.s).reshape(out, nb, -1)  # (out, nb, per) minima
+        d = s.max(-1) / kmax  # (out, nb)
+        dmin = (m.max(-1) / kmax).astype(np.float16).astype(np.float32)  # (out, nb)
+        k = s / d[..., None]
+        n = np.round(m / np.where(dmin > 0, dmin, 1)[..., None])
+        if not (_fp16_exact(d) and np.array_equal(k, np.round(k)) and k.min() >= 0 and k.max() <= kmax
+                and n.min() >= 0 and n.max() <= kmax):
+            return None
+        u = (self.q.astype(np.int32) + (1 << (self.bits - 1))).reshape(out, nb, s.shape[-1], -1)  # (out, nb, per, gs)
+        rebuilt = u * (d[..., None] * k)[..., None] - (dmin[..., None] * n)[..., None]  # (out, nb, per, gs)
+        step = np.maximum(s, 1e-30)[..., None]
+        if np.abs(rebuilt - self.values().reshape(rebuilt.shape)).max(initial=0.0) > 1e-4 * step.max(initial=0.0):
+            return None
+        return d, dmin, k.astype(np.uint8), n.astype(np.uint8)
+
+
+def kmgrid_from(q: np.ndarray, scale: np.ndarray, zero: np.ndarray, bits: int) -> KMGrid | None:
+    """A float-minimum K-quant grid on whole super-blocks (non-integer zero points), else None."""
+    out, inp = q.shape
+    if inp % QKK or inp % scale.shape[1] or np.array_equal(zero, np.round(zero)):
+        return None
+    g = KMGrid(q.astype(np.int16), scale.astype(np.float32), zero.astype(np.float32), bits)
+    return g if g.qtype is not None else None
+
+
+def fits_km(g: KMGrid, qtype: str) -> bool:
+    lo = -(1 << (g.bits - 1))
+    return (g.qtype == qtype and lo <= int(g.q.min()) and int(g.q.max()) < -lo
+            and g.superblocks() is not None)
+
+
+def _scales_k4(k: np.ndarray, n: np.ndarray) -> np.ndarray:
+    """8 6-bit scales and minima (..., 8) -> the 12 bytes ggml's get_scale_min_k4 reads (..., 12)."""
+    b = np.zeros((*k.shape[:-1], 12), np.uint8)
+    b[..., 0:4] = k[..., 0:4] | ((k[..., 4:8] >> 4) << 6)
+    b[..., 4:8] = n[..., 0:4] | ((n[..., 4:8] >> 4) << 6)
+    b[..., 8:12] = (k[..., 4:8] & 0xF) | ((n[..., 4:8] & 0xF) << 4)
+    return b
+
+
+def pack_km(g: KMGrid, qtype: str) -> tuple[np.ndarray, GT]:
+    """Raw bytes (out, in // 256 * block bytes) of a Q2_K, Q4_K or Q5_K tensor."""
+    out, inp = g.q.shape
+    nb = inp // QKK
+    d, dmin, k, n = g.superblocks()  # (out, nb) x2, (out, nb, per) x2
+    u = (g.q.astype(np.int16) + (1 << (g.bits - 1))).astype(np.uint8).reshape(out, nb, QKK)  # (out, nb, 256)
+    dm = np.concatenate([_f16_bytes(d), _f16_bytes(dmin)], -1)  # (out, nb, 4)
+    if qtype == "Q2_K":
+        v = u.reshape(out, nb, 2, 4, 32)  # (out, nb, h, j, l): element 128 h + 32 j + l
+        qs = (v << (2 * np.arange(4, dtype=np.uint8))[:, None]).sum(-2, dtype=np.uint8)  # (out, nb, 2, 32)
+        raw = np.concatenate([k | (n << 4), qs.reshape(out, nb, 64), dm], -1)  # (out, nb, 84)
+        return raw.reshape(out, nb * 84), GT.Q2_K
+    v = u.reshape(out, nb, 4, 2, 32)  # (out, nb, c, half, l): element 64 c + 32 half + l
+    qs = ((v[..., 0, :] & 0xF) | ((v[..., 1, :] & 0xF) << 4)).reshape(out, nb, 128)  # (out, nb, 128)
+    sc = _scales_k4(k, n)  # (out, nb, 12)
+    if qtype == "Q4_K":
+        raw = np.concatenate([dm, sc, qs], -1)  # (out, nb, 144)
+        return raw.reshape(out, nb * 144), GT.Q4_K
+    shifts = (2 * np.arange(4)[:, None] + np.arange(2)[None, :]).astype(np.uint8)  # (c, half): bit 2c + half
+    qh = ((v >> 4) << shifts[..., None]).sum((-3, -2), dtype=np.uint8)  # (out, nb, 32)
+    raw = np.concatenate([dm, sc, qh, qs], -1)  # (out, nb, 176)
+    return raw.reshape(out, nb * 176), GT.Q5_K
+
+
 def choose_any(grids: list) -> str:
-    """The narrowest type every member (Grid, KGrid or float values) fits, by bits per weight."""
+    """The narrowest type every member (Grid, KGrid, KMGrid or float values) fits, by bits per weight."""
     if all(isinstance(g, KGrid) for g in grids):
         return next((t for t in ("Q3_K", "Q6_K") if all(fits_k(g, t) for g in grids)), "F32")
+    if all(isinstance(g, KMGrid) for g in grids):
+        t = grids[0].qtype
+        return t if t is not None and all(fits_km(g, t) for g in grids) else "F32"
     if all(isinstance(g, Grid) for g in grids):
         return choose(grids)
     return "F32"
@@ -205,8 +318,13 @@ def choose_any(grids: list) -> str:
 
 def pack_any(g, qtype: str) -> tuple[np.ndarray, GT]:
     if qtype == "F32":
-        return (g.values() if isinstance(g, (Grid, KGrid)) else np.asarray(g, np.float32)), GT.F32
+        return (g.values() if isinstance(g, GRIDS) else np.asarray(g, np.float32)), GT.F32
+    if isinstance(g, KMGrid):
+        return pack_km(g, qtype)
     return pack_k(g, qtype) if isinstance(g, KGrid) else pack(g, qtype)
+
+
+GRIDS = (Grid, KGrid, KMGrid)
 
 
 def pack_stack(grids: list[Grid], qtype: str) -> tuple[np.ndarray, GT]:

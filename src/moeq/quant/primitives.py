@@ -15,10 +15,17 @@ that an export is a serialisation, not a translation:
   ``g_idx[j]`` names the group of column j;
 * ``ggml`` (runs writing GGUF): symmetric integers avoid -2^(b-1) (Q8_0 holds [-127, 127]) and asymmetric
   scales keep 7 significant bits (Q4_1's block minima are then fp16 numbers), so ggml blocks hold the grid;
-* ``superblock`` (llama.cpp's K-quant scale grid, symmetric groups of 16): the 16 scales of each 256-column
+* ``superblock`` (llama.cpp's K-quant scale grid): symmetric groups of 16: the 16 scales of each 256-column
   super-block are snapped to 2^e k with one power of two per super-block and integers 1 <= k <= 31 (grids
   of <= 3 bits: Q3_K's 6-bit signed scales) or 127 (4-6 bits: Q6_K's int8 scales), so GGUF stores the
-  grid exactly as Q3_K / Q6_K (and the scales stay exact bf16 numbers) (:func:`snap_superblocks`).
+  grid exactly as Q3_K / Q6_K (and the scales stay exact bf16 numbers) (:func:`snap_superblocks`);
+  asymmetric (``float_zero``: Q2_K at 2 bits / groups of 16, Q4_K / Q5_K at 4 / 5 bits / groups of 32): a
+  group's values are (q - qmin) s - m with a *float* minimum m >= 0, the scales snapped as above (k <= 15 for
+  Q2_K's 4-bit scales, 63 for Q4_K / Q5_K's 6-bit ones) but on llama.cpp's d = max / kmax (an fp16 number, not
+  a power of two: the scales are fp32, not bf16, numbers), and the minima the same way (0 <= k <= 15 / 63).
+  In moeq's (scale, zero) form the zero point is the float z = qmin + m / s, the
+  integers are clamp(round(w / s + z)), the values (q - z) s; only GGUF stores it (compressed-tensors zero
+  points are integers).
 
 Scales are rounded to the checkpoint's storage dtype (``scale_dtype``, bf16 for bf16 models) before
 the integers are chosen, so the exported checkpoint dequantizes to exactly moeq's in-memory weights.
@@ -34,6 +41,10 @@ from typing import Callable
 import torch
 
 
+KMIN_LAYOUTS = ((2, 16), (4, 32), (5, 32))  # (bits, group size) of Q2_K, Q4_K, Q5_K
+QKK = 256  # columns of a K-quant super-block
+
+
 class SignedGrid:
     """Integer range of a signed ``num_bits`` grid, shared by weight and activation schemes; a symmetric
     ``ggml`` grid drops the lowest integer ([-(2^(b-1) - 1), 2^(b-1) - 1]: ggml's Q8_0 range)."""
@@ -41,6 +52,7 @@ class SignedGrid:
     num_bits: int
     symmetric: bool = True
     ggml: bool = False
+    float_zero = False  # zero points are floats (K-quant minima): round(x / s + z), not round(x / s) + z
 
     @property
     def qmin(self) -> int:
@@ -67,16 +79,25 @@ class QuantArgs(SignedGrid):
             raise ValueError(f"bits must be an integer in 2..8, got {self.num_bits!r} (use --bits 2..8)")
         if self.group_size != -1 and (not isinstance(self.group_size, int) or self.group_size <= 0):
             raise ValueError(f"group size must be -1 (per channel) or a positive integer, got {self.group_size!r}")
-        if self.superblock and (self.group_size != 16 or not self.symmetric or self.num_bits > 6):
-            raise ValueError("--kquant-scales (llama.cpp's Q3_K/Q6_K grids) needs --group-size 16, --sym and "
+        if self.superblock and self.symmetric and (self.group_size != 16 or self.num_bits > 6):
+            raise ValueError("--kquant-scales --sym (llama.cpp's Q3_K/Q6_K grids) needs --group-size 16 and "
                              f"--bits 2..6, got {self.label()}")
+        if self.superblock and not self.symmetric and (self.num_bits, self.group_size) not in KMIN_LAYOUTS:
+            raise ValueError("--kquant-scales --asym (llama.cpp's Q2_K/Q4_K/Q5_K grids) needs --bits 2 --group-size 16"
+                             f" or --bits 4/5 --group-size 32, got {self.label()}")
         if self.full_range and (not self.symmetric or self.superblock):
             raise ValueError("--full-range is a symmetric-grid option without --kquant-scales; drop --asym / "
                              "--kquant-scales or --full-range")
 
     @property
+    def float_zero(self) -> bool:
+        return self.superblock and not self.symmetric
+
+    @property
     def kmax(self) -> int:
-        """Largest scale multiplier of a super-block (Q3_K: 31, Q6_K: 127)."""
+        """Largest scale (and minimum) multiplier of a super-block (Q3_K: 31, Q6_K: 127, Q2_K: 15, Q4/5_K: 63)."""
+        if self.float_zero:
+            return 15 if self.num_bits == 2 else 63
         return 31 if self.num_bits <= 3 else 127
 
     @property
@@ -88,9 +109,18 @@ class QuantArgs(SignedGrid):
             raise ValueError(
                 f"group size {self.group_size} does not divide the input width {in_features} of {name or 'a linear'}; "
                 f"use a group size that divides it (e.g. 32, 64) or -1 for per-channel scales")
-        if self.superblock and in_features % 256:
+        if self.superblock and in_features % QKK:
             raise ValueError(f"--kquant-scales needs input widths that are multiples of 256 (llama.cpp's K-quant "
                              f"super-blocks); {name or 'a linear'} has {in_features}: give it another scheme in a plan")
+
+    def group_bits(self, scale_bits: int = 16) -> float:
+        """Bits a group stores besides its integers: a scale (plus a zero point when asymmetric); a K-quant
+        group its small scale (and minimum) integer and its share of the super-block's fp16 factor(s)
+        (Q3_K 6 + 16/16, Q6_K 8 + 16/16, Q2_K 4 + 4 + 32/16, Q4_K / Q5_K 6 + 6 + 32/8)."""
+        if not self.superblock:
+            return scale_bits + (0 if self.symmetric else self.num_bits)
+        ints = 1 if self.symmetric else 2  # a scale, and a minimum
+        return ints * (self.kmax.bit_length() + int(self.symmetric)) + ints * 16 / scale_groups(self)
 
     def num_groups(self, in_features: int) -> int:
         return 1 if self.group_size == -1 else in_features // self.group_size
@@ -119,21 +149,29 @@ def _straight_through(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
 
 def qparams_from_range(xmin: torch.Tensor, xmax: torch.Tensor, args: QuantArgs,
                        scale_dtype: torch.dtype | None = None,
-                       round_fn: Callable[[torch.Tensor], torch.Tensor] = torch.round) -> tuple[torch.Tensor, torch.Tensor]:
-    """Scale and integer zero point from per-(row, group) minima/maxima. Differentiable in the ranges with a
+                       round_fn: Callable[[torch.Tensor], torch.Tensor] = torch.round,
+                       snap: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scale and zero point from per-(row, group) minima/maxima (..., G). Differentiable in the ranges with a
     straight-through ``round_fn`` (the scale's own roundings pass gradients straight through): LWC trains on
-    exactly this grid."""
+    exactly this grid. K-quant grids (``superblock``) snap their super-blocks when the last dimension holds
+    whole ones and ``snap`` (False: the caller snaps the whole row later, :func:`snap_grid`)."""
     xmin = torch.minimum(xmin, torch.zeros_like(xmin))  # 0 must be representable
     xmax = torch.maximum(xmax, torch.zeros_like(xmax))
     qrange = float(args.qmax - args.qmin)
+    whole = snap and args.superblock and scale_groups(args) and xmin.shape[-1] % scale_groups(args) == 0
     if args.symmetric and args.full_range:  # the larger extreme on qmin: scale signed, all integers used
         top = torch.where(xmin.abs() > xmax, xmin.abs(), -xmax)  # (..., G) signed: qmin * scale is that extreme
         scale, zero = _round_scale(top / -args.qmin, scale_dtype), torch.zeros_like(top)
     elif args.symmetric:
         scale = _round_scale(torch.maximum(xmin.abs(), xmax) / (qrange / 2), scale_dtype)
-        if args.superblock and scale.shape[-1] % 16 == 0:  # whole rows of groups: snap their super-blocks
-            scale = _straight_through(scale, snap_superblocks(scale.detach(), args.kmax))
         zero = torch.zeros_like(scale)
+        if whole:
+            scale, zero = snap_grid(scale, zero, args)
+    elif args.float_zero:  # K-quant minima: (q - qmin) s - m, m = -xmin >= 0 a float
+        scale = _round_scale((xmax - xmin) / qrange, scale_dtype)  # (..., G)
+        zero = args.qmin - xmin / scale  # (..., G) float: qmin + m / s
+        if whole:
+            scale, zero = snap_grid(scale, zero, args)
     else:
         scale = _round_scale((xmax - xmin) / qrange, scale_dtype)
         if args.ggml:  # 7 significant bits: Q4_1's block minimum -(8 + z) s (<= 11 bits) is then an fp16 number
@@ -143,14 +181,36 @@ def qparams_from_range(xmin: torch.Tensor, xmax: torch.Tensor, args: QuantArgs,
     return scale, zero
 
 
-def snap_superblocks(scale: torch.Tensor, kmax: int) -> torch.Tensor:
-    """(..., G) group scales -> 2^e k per super-block of 16 groups: e the smallest exponent with
-    max(scale) / 2^e <= kmax, k = clamp(round(scale / 2^e), 1, kmax). Exact in fp16 and bf16 (k < 2^7)."""
-    s = scale.reshape(*scale.shape[:-1], -1, 16)  # (..., G/16, 16)
-    top = s.amax(-1, keepdim=True).clamp_min(1e-30)  # (..., G/16, 1)
-    d = torch.exp2(torch.ceil(torch.log2(top / kmax))).clamp(min=2.0 ** -24)  # (..., G/16, 1) fp16-representable
-    k = torch.clamp(torch.round(s / d), 1, kmax)  # (..., G/16, 16)
+def scale_groups(args: QuantArgs) -> int:
+    """Groups per K-quant super-block (0 for other grids)."""
+    return QKK // args.group_size if args.superblock else 0
+
+
+def snap_superblocks(scale: torch.Tensor, kmax: int, per: int = 16, lo: int = 1, pow2: bool = True) -> torch.Tensor:
+    """(..., G) non-negative group numbers -> d k per super-block of ``per`` groups, k = clamp(round(x / d), lo,
+    kmax). ``pow2``: d = 2^e, e the smallest exponent with max / 2^e <= kmax (d k is exact in fp16 and bf16,
+    k < 2^7); else llama.cpp's d = max / kmax as an fp16 number (d k exact in fp32: GGUF-only grids)."""
+    s = scale.reshape(*scale.shape[:-1], -1, per)  # (..., G/per, per)
+    top = s.amax(-1, keepdim=True).clamp_min(1e-30)  # (..., G/per, 1)
+    if pow2:
+        d = torch.exp2(torch.ceil(torch.log2(top / kmax))).clamp(min=2.0 ** -24)  # (..., G/per, 1) fp16-representable
+    else:
+        d = (top / kmax).clamp(min=2.0 ** -24).half().float()  # (..., G/per, 1)
+    k = torch.clamp(torch.round(s / d), lo, kmax)  # (..., G/per, per)
     return (k * d).reshape(scale.shape)
+
+
+def snap_grid(scale: torch.Tensor, zero: torch.Tensor, args: QuantArgs) -> tuple[torch.Tensor, torch.Tensor]:
+    """A K-quant grid's (scale, zero) (..., G) of whole rows snapped to its super-blocks (module docstring):
+    the scales, and for float minima the minima m = (z - qmin) s as well, z following. Gradients pass
+    straight through the snapping."""
+    per, pow2 = scale_groups(args), not args.float_zero  # float-minimum grids are GGUF-only: fp16 super-scales
+    snapped = _straight_through(scale, snap_superblocks(scale.detach(), args.kmax, per, pow2=pow2))  # (..., G)
+    if not args.float_zero:
+        return snapped, zero
+    low = (zero - args.qmin) * scale  # (..., G) minima m >= 0
+    low = _straight_through(low, snap_superblocks(low.detach(), args.kmax, per, lo=0, pow2=False))
+    return snapped, args.qmin + low / snapped
 
 
 def group_view(W: torch.Tensor, args: QuantArgs) -> torch.Tensor:
@@ -180,6 +240,8 @@ def grid_round(x: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, 
     """clamp(round(x / scale) + zero, qmin, qmax): the integers of x, as floats of x's dtype. ``scale``
     and ``zero`` broadcast against x; ``zero`` None = symmetric without a zero point (activations);
     ``round_fn`` may pass gradients straight through (LWC)."""
+    if zero is not None and grid.float_zero:
+        return torch.clamp(round_fn(x / scale + zero), grid.qmin, grid.qmax)
     r = round_fn(x / scale)
     return torch.clamp(r if zero is None else r + zero, grid.qmin, grid.qmax)
 

@@ -107,10 +107,10 @@ class _Param:
         """(integers (out, in) as floats, scales (out, G)) of the current state."""
         rnd = _round_ste if ste else torch.round
         args = self.r.args
-        s = self.s0 if self.a is None else self.s0 * (1 + self.a)  # (out, G)
-        s = _scale_ste(s, scale_dtype) if ste else _round_scale(s, scale_dtype)
-        p = self.p0
+        s, p = self.s0, self.p0  # (out, G), (out, in): the start's scales are already in the storage dtype
         if self.a is not None:  # the same continuous weights on the new grid: positions move with the scale
+            s = self.s0 * (1 + self.a)  # (out, G)
+            s = _scale_ste(s, scale_dtype) if ste else _round_scale(s, scale_dtype)
             n = p.shape[1]
             ratio = _expand(self.s0, args, n, self.r.g_idx) / _expand(s, args, n, self.r.g_idx)  # (out, in)
             z = _expand(self.z, args, n, self.r.g_idx)

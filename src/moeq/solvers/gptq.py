@@ -20,7 +20,7 @@ from dataclasses import replace
 import torch
 
 from ..quant.primitives import (QuantArgs, grid_round, grid_value, hessian_error, qparams_from_range, search_clip,
-                                snap_superblocks)
+                                snap_grid)
 from .base import QuantResult
 
 
@@ -28,9 +28,10 @@ def _grid(Wc: torch.Tensor, args: QuantArgs, scale_dtype, mse_clip: bool) -> tup
     """Scale and zero (B, out) for the columns Wc (B, out, c) treated as one group per row."""
     B, out, c = Wc.shape
     flat = Wc.reshape(B * out, c)  # (B*out, c)
-    one = replace(args, group_size=-1, superblock=False)  # the same grid on these columns (super-blocks: snapped later)
+    one = args if args.superblock else replace(args, group_size=-1)  # the same grid on these columns as one group
     shrink = search_clip(flat, one, scale_dtype)[:, 0] if mse_clip else 1.0  # (B*out,)
-    scale, zero = qparams_from_range(flat.amin(-1) * shrink, flat.amax(-1) * shrink, one, scale_dtype)
+    scale, zero = qparams_from_range(flat.amin(-1) * shrink, flat.amax(-1) * shrink, one, scale_dtype,
+                                     snap=False)  # K-quant super-blocks: snapped with the whole row
     return scale.view(B, out), zero.view(B, out)
 
 
@@ -100,7 +101,7 @@ def gptq(W: torch.Tensor, H: torch.Tensor, args: QuantArgs, *, blocksize: int = 
         static_scale = torch.stack([s for s, _ in sz], -1)  # (B, out, G)
         static_zero = torch.stack([z for _, z in sz], -1)  # (B, out, G)
         if args.superblock:
-            static_scale = snap_superblocks(static_scale, args.kmax)
+            static_scale, static_zero = snap_grid(static_scale, static_zero, args)
 
     perm = None
     if act_order:
