@@ -259,19 +259,29 @@ def test_kquant_float_minimum_grids_pack_exactly(qtype):
     assert np.allclose(got, Wq.numpy(), rtol=0, atol=1e-6 * float(W.abs().max()))  # fp32 rounding of z only
 
 
-@pytest.mark.parametrize("experts, attention, method", [("Q4_K", "Q5_K", "gptq"), ("Q2_K", "Q4_K", "blocktune")])
-def test_float_minimum_kquants_run_in_llama_cpp(tmp_path, tokenizer, experts, attention, method):
-    plan = BitPlan(default=KMIN[experts], rules=[(r".*self_attn\..*", KMIN[attention])])
+Q6K = QuantArgs(6, 16, True, True)
+Q4KM = BitPlan(default=KMIN["Q4_K"], rules=[(r".*self_attn\.v_proj", Q6K), (r".*experts\.\d+\.down_proj", Q6K)])
+
+
+@pytest.mark.parametrize("plan, method, types", [
+    (BitPlan(default=KMIN["Q4_K"], rules=[(r".*self_attn\..*", KMIN["Q5_K"])]), "gptq", {"Q4_K": 12, "Q5_K": 16}),
+    (BitPlan(default=KMIN["Q2_K"], rules=[(r".*self_attn\..*", KMIN["Q4_K"])]), "blocktune", {"Q2_K": 12, "Q4_K": 16}),
+    (Q4KM, "gptq", {"Q4_K": 20, "Q6_K": 8}),  # llama.cpp's Q4_K_M idea: v and the experts' down in Q6_K
+])
+def test_float_minimum_kquants_run_in_llama_cpp(tmp_path, tokenizer, plan, method, types):
+    """GGUF-only: every llama.cpp tensor takes its own type (q/k/v or an expert's gate/up/down may differ)."""
     rep, m = _export("mixtral-tiny", tmp_path / "o", plan=plan, method=method, formats=("gguf",))
-    assert rep["gguf"]["types"][experts] == 4 * 3 and rep["gguf"]["types"][attention] == 4 * 4
+    assert {t: n for t, n in rep["gguf"]["types"].items() if t.endswith("_K")} == types
     assert not rep["gguf"]["f32_linears"] and not list((tmp_path / "o").glob("*.safetensors"))
-    bits = {"Q2_K": 2.625, "Q4_K": 4.5, "Q5_K": 5.5}
-    assert bits[experts] < rep["avg_bits_with_overhead"] < bits[attention]  # stored bits per weight, as ggml stores
+    bpw = {"Q2_K": 2.625, "Q4_K": 4.5, "Q5_K": 5.5, "Q6_K": 6.5625}
+    lo, hi = sorted(bpw[t] for t in types)
+    assert lo < rep["avg_bits_with_overhead"] < hi  # stored bits per weight, as ggml stores them
     reader = gguf.GGUFReader(str(tmp_path / "o" / "model.gguf"))  # the in-memory weights are llama.cpp's values
-    t = next(t for t in reader.tensors if t.name == "blk.0.ffn_down_exps.weight")
-    got = gguf.quants.dequantize(t.data, t.tensor_type)  # (E, hidden, inter)
-    mem = m.state_dict()["model.layers.0.mlp.experts.down_proj"].float().numpy()  # (E, hidden, inter)
-    assert np.allclose(got, mem, rtol=0, atol=1e-6 * np.abs(mem).max())
+    t = {t.name: t for t in reader.tensors}["blk.0.ffn_gate_exps.weight"]  # a float-minimum type in every plan
+    assert t.tensor_type.name in KMIN
+    got = gguf.quants.dequantize(t.data, t.tensor_type)  # (E, inter, hidden)
+    mem = m.state_dict()["model.layers.0.mlp.experts.gate_up_proj"].float().numpy()[:, : got.shape[1]]  # gate half
+    assert np.allclose(got, mem, rtol=0, atol=1e-6 * np.abs(mem).max())  # fp32 values, not rounded to bf16
     windows = [w.tolist() for w in wikitext2_windows(tokenizer, 256, None).ids[:2]]
     med, ppl_llama, ppl_moeq = _compare("mixtral-tiny", tmp_path / "o", m, windows)
     assert med < 0.15 and abs(ppl_llama / ppl_moeq - 1) < 0.01, (med, ppl_llama, ppl_moeq)
@@ -285,6 +295,8 @@ def test_float_minimum_kquants_are_gguf_only(tmp_path, capsys):
     err = capsys.readouterr().err
     assert code == 2 and "compressed-tensors cannot store" in err and "--format gguf" in err
     assert len(err.strip().splitlines()) == 1 and not (tmp_path / "o").exists()
+    assert main(["plan", "mixtral-tiny", "--avg-bits", "3", "--kquant-scales", "--out", str(tmp_path / "p.yaml")]) == 2
+    assert "--kquant-scales belongs to `moeq quantize`" in capsys.readouterr().err and not list(tmp_path.iterdir())
 
 
 def test_kquant_scales_need_their_layout(tmp_path, capsys):

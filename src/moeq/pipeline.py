@@ -81,9 +81,10 @@ class EvalSpec:
     fidelity: bool = False  # routing fidelity + KL against the FP model (keeps an FP copy)
 
 
-def check_plan(adapter: ModelAdapter, cfg: QuantConfig) -> None:
+def check_plan(adapter: ModelAdapter, cfg: QuantConfig, serving: bool = True) -> None:
     """Fail before any heavy work when a planned grid does not fit a linear or the plan names modules
-    the model lacks; warn when fused serving kernels could not run the plan."""
+    the model lacks; warn when fused serving kernels could not run the plan (``serving``: False for a
+    GGUF-only output, where every llama.cpp tensor has its own type)."""
     from .allocate.modules import plan_warnings
 
     linears = adapter.linears()
@@ -94,7 +95,7 @@ def check_plan(adapter: ModelAdapter, cfg: QuantConfig) -> None:
     if unknown:
         raise ValueError(f"the plan names {len(unknown)} linears this model does not have (e.g. {unknown[0]}); "
                          "was it made for another model? Rebuild it with `moeq plan MODEL`")
-    for msg in plan_warnings(cfg.plan, adapter) if cfg.plan.overrides or cfg.plan.rules else []:
+    for msg in plan_warnings(cfg.plan, adapter) if serving and (cfg.plan.overrides or cfg.plan.rules) else []:
         log.warning(msg)
 
 
@@ -154,13 +155,12 @@ def quantize(model: str | None, cfg: QuantConfig, out: str | Path | None, *, dev
         log.warning(method_notes[-1])
     elif source.reader.fp8_block:
         method_notes.append("block-FP8 source: weights dequantized block by block as they were read")
-    check_plan(adapter, cfg)
+    check_plan(adapter, cfg, serving=out_path is None or "compressed-tensors" in options.formats)
     storage = None
     if out_path is not None and export_blocker(cfg) is None:  # how each unit is stored; refused before any work
         resolved = cfg.plan.resolve([li.name for li in adapter.linears()])
         check_formats(options.formats, info, options.gguf_pre, resolved)
-        storage, records = run_storage(adapter, resolved,
-                                       transformers_units="compressed-tensors" in options.formats)
+        storage, records = run_storage(adapter, resolved, options.formats)
     tokenizer = load_tokenizer(info.path, trust_remote_code)
     secs["load"] += time.perf_counter() - t
     wanted = not skip_eval or return_model or cfg.act is not None

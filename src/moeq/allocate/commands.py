@@ -118,6 +118,7 @@ def cmd_profile(a) -> int:
     from .plots import profile_plots
     from .run import load_for_profile, run_profile
 
+    check_grid_family(a)
     check_output(a.out, a.overwrite, "profile.json")
     a.group_size = 128 if a.group_size is None else a.group_size
     check_model(a)
@@ -135,6 +136,13 @@ def cmd_profile(a) -> int:
             f"{b} ({prof.importance[b]['score']:.4f})" for b in ranked))
     print(f"wrote profile.json, {'predictors.safetensors, ' if prof.importance else ''}{', '.join(files)} -> {a.out}")
     return 0
+
+
+def check_grid_family(a) -> None:
+    """The search and the rules choose widths on plain grids; K-quant grids are a ``moeq quantize`` choice."""
+    if getattr(a, "kquant_scales", False):
+        raise ValueError("moeq profile / plan choose widths on plain grids; --kquant-scales belongs to `moeq "
+                         "quantize` (uniform), or to a plan file's rules (superblock: true, with their group size)")
 
 
 def check_model(a) -> None:
@@ -161,6 +169,7 @@ def cmd_plan(a) -> int:
     from .profile import Profile
     from .run import check_plan_out, make_plan
 
+    check_grid_family(a)
     check_plan_out(a)
     prof = Profile.load(a.profile) if a.profile else None
     if a.group_size is None:

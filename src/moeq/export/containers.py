@@ -24,13 +24,18 @@ from ..quant.primitives import QuantArgs
 from ..solvers.base import QuantResult
 
 
-def storage_units(records: list[ModuleRecord], fused_experts: bool) -> dict[str, list[ModuleRecord]]:
+def storage_units(records: list[ModuleRecord], fused_experts: bool, gguf: bool = False) -> dict[str, list[ModuleRecord]]:
     """unit -> members: the serving units of :mod:`moeq.allocate.modules`; with ``fused_experts`` (the
     model's own layout fuses experts, so transformers reads them with one scheme) all routed experts of
-    the model form one unit."""
+    the model form one unit. ``gguf`` (a GGUF-only output): llama.cpp's tensors instead, a layer's routed
+    experts per projection (one stacked tensor, one type) and every other linear alone."""
     units: dict[str, list[ModuleRecord]] = {}
     for r in records:
-        units.setdefault("experts" if fused_experts and r.role == "expert" else r.unit, []).append(r)
+        if gguf:
+            key = f"{r.block}.experts.{r.proj}" if r.role == "expert" else r.name
+        else:
+            key = "experts" if fused_experts and r.role == "expert" else r.unit
+        units.setdefault(key, []).append(r)
     return units
 
 
@@ -52,11 +57,11 @@ def container(members: list[tuple[ModuleRecord, QuantArgs]]) -> QuantArgs:
 
 
 def storage_schemes(records: list[ModuleRecord], schemes: dict[str, QuantArgs | None],
-                    fused_experts: bool) -> dict[str, QuantArgs]:
+                    fused_experts: bool, gguf: bool = False) -> dict[str, QuantArgs]:
     """{quantized linear: the scheme it is stored with}. ``schemes``: the run's grid of every linear (None:
     full precision). Raises ValueError naming the unit when a unit cannot be stored with one scheme."""
     out: dict[str, QuantArgs] = {}
-    for unit, members in storage_units(records, fused_experts).items():
+    for unit, members in storage_units(records, fused_experts, gguf).items():
         quantized = [(r, schemes[r.name]) for r in members if schemes.get(r.name) is not None]
         if not quantized:
             continue
@@ -104,14 +109,16 @@ def stored_bits(records: list[ModuleRecord], storage: dict[str, QuantArgs]) -> f
     return sum(storage[r.name].num_bits * r.params for r in records if r.name in storage) / max(n, 1)
 
 
-def run_storage(adapter, plan: dict[str, QuantArgs | None], transformers_units: bool = True
+def run_storage(adapter, plan: dict[str, QuantArgs | None], formats=("compressed-tensors",)
                 ) -> tuple[dict[str, QuantArgs], list[ModuleRecord]]:
-    """(storage schemes, module records) of a run's resolved plan on ``adapter``'s model (see :func:`storage_schemes`;
-    with ``transformers_units`` all routed experts form one unit when the family's own layout fuses them, as
-    transformers reads them; a GGUF-only export needs one scheme per layer's experts only)."""
+    """(storage schemes, module records) of a run's resolved plan on ``adapter``'s model (see :func:`storage_schemes`):
+    when ``formats`` include compressed-tensors, the units its loaders read with one scheme (all routed experts
+    when the family's own layout fuses them, as transformers reads them); a GGUF-only output needs one scheme
+    per llama.cpp tensor only."""
     from ..allocate.modules import inventory
 
     records = inventory(adapter)
     moe = adapter.spec.moe
-    fused = transformers_units and moe is not None and moe.layout == "fused"
-    return storage_schemes(records, plan, fused_experts=fused), records
+    gguf = "compressed-tensors" not in formats
+    fused = not gguf and moe is not None and moe.layout == "fused"
+    return storage_schemes(records, plan, fused_experts=fused, gguf=gguf), records
