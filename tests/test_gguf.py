@@ -268,9 +268,10 @@ Q4KM = BitPlan(default=KMIN["Q4_K"], rules=[(r".*self_attn\.v_proj", Q6K), (r".*
     (BitPlan(default=KMIN["Q2_K"], rules=[(r".*self_attn\..*", KMIN["Q4_K"])]), "blocktune", {"Q2_K": 12, "Q4_K": 16}),
     (Q4KM, "gptq", {"Q4_K": 20, "Q6_K": 8}),  # llama.cpp's Q4_K_M idea: v and the experts' down in Q6_K
 ])
-def test_float_minimum_kquants_run_in_llama_cpp(tmp_path, tokenizer, plan, method, types):
+def test_float_minimum_kquants_run_in_llama_cpp(tmp_path, tokenizer, plan, method, types, capsys):
     """GGUF-only: every llama.cpp tensor takes its own type (q/k/v or an expert's gate/up/down may differ)."""
     rep, m = _export("mixtral-tiny", tmp_path / "o", plan=plan, method=method, formats=("gguf",))
+    assert main(["eval", str(tmp_path / "o")]) == 2 and "is a GGUF-only output" in capsys.readouterr().err
     assert {t: n for t, n in rep["gguf"]["types"].items() if t.endswith("_K")} == types
     assert not rep["gguf"]["f32_linears"] and not list((tmp_path / "o").glob("*.safetensors"))
     bpw = {"Q2_K": 2.625, "Q4_K": 4.5, "Q5_K": 5.5, "Q6_K": 6.5625}

@@ -101,6 +101,9 @@ def check_weights(path: str, allow_pickle: bool = False) -> bool:
     if safe:
         return False
     if not pickles:
+        if list(Path(path).glob("*.gguf")):
+            raise CheckpointError(f"{path} is a GGUF-only output (no *.safetensors): run its .gguf in llama.cpp (to load "
+                                  "a run in moeq and transformers, quantize with --format compressed-tensors,gguf)")
         raise CheckpointError(f"{path} holds no weight files (*.safetensors); the checkpoint is incomplete: fetch "
                               "or save it again")
     if not allow_pickle:
