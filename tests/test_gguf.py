@@ -251,7 +251,7 @@ def test_kquant_float_minimum_grids_pack_exactly(qtype):
     q = grid_quantize(W, s, z, args)
     Wq = (q - z.repeat_interleave(args.group_size, 1)) * s.repeat_interleave(args.group_size, 1)
     assert (Wq - W).abs().max() < s.max()  # a grid step at most (clipped ends included)
-    g = kmgrid_from(q.numpy(), s.numpy(), z.numpy(), args.num_bits)
+    g = kmgrid_from(q.numpy(), s.numpy(), z.numpy(), args)
     assert g.qtype == qtype and fits_km(g, qtype) and not fits_km(g, "Q4_K" if qtype != "Q4_K" else "Q5_K")
     raw, t = pack_km(g, qtype)
     assert t.name == qtype and raw.shape == (8, 2 * KMIN_BYTES[qtype])

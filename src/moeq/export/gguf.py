@@ -108,7 +108,7 @@ class _Source:
             return self.tensor(f"{ckpt_module}.weight")
         q, scale, zero, args = self.reader.grid(ckpt_module, list(self.reader.read(parts).values()))
         q, scale, zero = q.numpy(), scale.numpy(), zero.numpy()
-        g = grid_from(q, scale, zero) or kgrid_from(q, scale, zero) or kmgrid_from(q, scale, zero, args.num_bits)
+        g = kmgrid_from(q, scale, zero, args) or grid_from(q, scale, zero) or kgrid_from(q, scale, zero)
         if g is None:
             from ..quant.primitives import dequantize
 

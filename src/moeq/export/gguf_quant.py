@@ -256,12 +256,12 @@ class KMGrid:
         return d, dmin, k.astype(np.uint8), n.astype(np.uint8)
 
 
-def kmgrid_from(q: np.ndarray, scale: np.ndarray, zero: np.ndarray, bits: int) -> KMGrid | None:
-    """A float-minimum K-quant grid on whole super-blocks (non-integer zero points), else None."""
+def kmgrid_from(q: np.ndarray, scale: np.ndarray, zero: np.ndarray, args) -> KMGrid | None:
+    """A float-minimum K-quant grid (``args.float_zero``, QuantArgs) on whole super-blocks, else None."""
     out, inp = q.shape
-    if inp % QKK or inp % scale.shape[1] or np.array_equal(zero, np.round(zero)):
+    if not args.float_zero or inp % QKK or inp % scale.shape[1]:
         return None
-    g = KMGrid(q.astype(np.int16), scale.astype(np.float32), zero.astype(np.float32), bits)
+    g = KMGrid(q.astype(np.int16), scale.astype(np.float32), zero.astype(np.float32), args.num_bits)
     return g if g.qtype is not None else None
 
 

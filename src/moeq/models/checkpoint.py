@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import re
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -167,8 +168,8 @@ class CheckpointReader:
         packed, scale, shape = parts[0], parts[1].float(), torch.Size(parts[2].tolist())  # scale (out, G)
         q = unpack_from_int32(packed, args.num_bits, shape)  # (out, in) int8
         zero = torch.zeros_like(scale)
-        if len(parts) > 3 and parts[3].is_floating_point():  # a K-quant grid's float minima (moeq's GGUF-only runs)
-            zero = parts[3].float()
+        if len(parts) > 3 and parts[3].is_floating_point():  # K-quant float minima: moeq's GGUF-only runs store them
+            zero, args = parts[3].float(), replace(args, superblock=True)  # as floats (compressed-tensors cannot)
         elif not args.symmetric:
             zero = unpack_from_int32(parts[3], args.num_bits, torch.Size(scale.shape), packed_dim=0).float()
         return q, scale, zero, args
@@ -183,5 +184,5 @@ class CheckpointReader:
     def _unpack(self, module: str, parts: list[torch.Tensor], storage_dtype) -> torch.Tensor:
         q, scale, zero, args = self.grid(module, parts)
         W = dequantize(q, scale, zero, args)  # (out, in) fp32
-        exact = len(parts) > 3 and parts[3].is_floating_point()  # K-quant minima: GGUF-only, llama.cpp's fp32 values
+        exact = args.float_zero  # K-quant minima: GGUF-only, llama.cpp's fp32 values
         return W.to(storage_dtype) if storage_dtype is not None and not exact else W
